@@ -1,0 +1,347 @@
+"""Weight-based progress measures of the attention-only transformer.
+
+This module owns measures computed from parameters alone (no data): the
+per-head QK and OV circuits, composition scores between heads of different
+layers, how K-composition is spread over the singular directions of the
+earlier head's OV circuit, and the OV copying score of label heads.
+
+Conventions (docs/interfaces.md): a residual vector is a row `x [d]`; head
+`h` of a layer has `W_QK^h = w_q[:, h] @ w_k[:, h].T` (scores
+`x_i W_QK x_j^T`, query `i`, key `j`) and `W_OV^h = w_v[:, h] @ w_o[h]`
+(writes `x W_OV`). Every function takes one run's params (no run axis) and
+is written in `jax.numpy`, so callers `jax.vmap` it over runs; layer
+choices and shapes are static.
+
+LayerNorm (and RoPE, and positional embeddings) are ignored, as in Elhage
+et al. 2021: the scores describe the linear circuits that LayerNorm rescales,
+so they are approximate for models with `model.layer_norm`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    'qk_ov',
+    'layer_indices',
+    'composition_baseline',
+    'composition_scores',
+    'k_composition_svd_shares',
+    'ov_copying_score',
+]
+
+Params = Mapping[str, Any]
+
+# Analysis numbers should not move with the accelerator's default matmul
+# precision (TF32 on recent NVIDIA GPUs).
+_HI = jax.lax.Precision.HIGHEST
+_LAYER = re.compile(r'layer_(\d+)$')
+
+
+def _unwrap(params: Params) -> Params:
+  """Accepts `{'params': tree}` as well as the tree itself."""
+  if 'params' in params and not any(_LAYER.match(k) for k in params):
+    return params['params']
+  return params
+
+
+def layer_indices(params: Params) -> list[int]:
+  """Indices `l` of the `layer_{l}` subtrees that hold attention, ascending."""
+  params = _unwrap(params)
+  return sorted(int(m.group(1)) for k in params
+                if (m := _LAYER.match(k)) and 'attn' in params[k])
+
+
+def _attn(params: Params, layer: int) -> Mapping[str, jax.Array]:
+  """The `attn` subtree of `layer` (negative counts from the last layer)."""
+  layers = layer_indices(params)
+  return _unwrap(params)[f'layer_{layers[layer]}']['attn']
+
+
+def qk_ov(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
+  """Per-head QK and OV circuits of one layer.
+
+  Args:
+    params: one run's params (layout in docs/interfaces.md).
+    layer: layer index; negative counts from the last.
+
+  Returns:
+    `(W_QK [H, d, d], W_OV [H, d, d])` with
+    `W_QK[h] = w_q[:, h] @ w_k[:, h].T` and `W_OV[h] = w_v[:, h] @ w_o[h]`.
+  """
+  a = _attn(params, layer)
+  w_qk = jnp.einsum('dhe,fhe->hdf', a['w_q'], a['w_k'], precision=_HI)
+  w_ov = jnp.einsum('dhe,hef->hdf', a['w_v'], a['w_o'], precision=_HI)
+  return w_qk, w_ov
+
+
+def _sandwich_sq(xtx: jax.Array, g: jax.Array, yyt: jax.Array) -> jax.Array:
+  """`||X G Y||_F^2 = tr(G^T (X^T X) G (Y Y^T))` from the small Gram matrices.
+
+  Args:
+    xtx: `[..., a, a]` Gram matrix `X^T X` of `X [d, a]`.
+    g: `[..., a, b]`.
+    yyt: `[..., b, b]` Gram matrix `Y Y^T` of `Y [b, d]`.
+
+  Returns:
+    `[...]` squared Frobenius norms.
+  """
+  return jnp.einsum('...ab,...ac,...cd,...bd->...', g, xtx, g, yyt,
+                    precision=_HI)
+
+
+def _factors(a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-head factors of one layer's circuits, heads first.
+
+  Returns:
+    `q, k, v [H, d, dh]` (columns of `w_q, w_k, w_v` for head h) and
+    `o [H, dh, d]`, so `W_QK = q k^T` and `W_OV = v o`.
+  """
+  return {
+      'q': jnp.moveaxis(a['w_q'], 1, 0),
+      'k': jnp.moveaxis(a['w_k'], 1, 0),
+      'v': jnp.moveaxis(a['w_v'], 1, 0),
+      'o': a['w_o'],
+  }
+
+
+def _gram_cols(m: jax.Array) -> jax.Array:
+  """`m^T m` for `m [..., d, a]`, giving `[..., a, a]`."""
+  return jnp.einsum('...da,...db->...ab', m, m, precision=_HI)
+
+
+def _gram_rows(m: jax.Array) -> jax.Array:
+  """`m m^T` for `m [..., a, d]`, giving `[..., a, a]`."""
+  return jnp.einsum('...ad,...bd->...ab', m, m, precision=_HI)
+
+
+@functools.lru_cache(maxsize=None)
+def composition_baseline(d: int, dh_early: int, dh_late: int,
+                         n_samples: int | None = None, seed: int = 0) -> float:
+  """Expected composition score of random circuits of the given shapes.
+
+  Monte Carlo over `W_1 = A B` (`A [d, dh_late]`, `B [dh_late, d]`) and
+  `W_2 = C D` (`C [d, dh_early]`, `D [dh_early, d]`) with i.i.d. standard
+  Gaussian factors: the mean of `||W_1 W_2^T||_F / (||W_1||_F ||W_2||_F)`.
+  Products of i.i.d. Gaussian matrices are invariant in distribution under
+  transposition and orthogonal rotations, so this one number is the
+  baseline of the Q-, K- and V-composition products alike, and the scale of
+  the factors cancels. Computed with numpy (a fixed `seed`) and cached per
+  shape, so it is a Python float even inside `jax.jit` / `jax.vmap`. For the
+  shapes we use it comes out close to `1 / sqrt(d)` (0.248 at d=16, 0.0625
+  at d=256), almost independent of the head widths.
+
+  Args:
+    d: residual width.
+    dh_early: head width of the earlier layer (rank of its OV circuit).
+    dh_late: head width of the later layer.
+    n_samples: Monte Carlo samples; None picks `4000` for small shapes,
+      down to `200` at `d = 256, dh = 64`, where one sample costs more and
+      scatters less (Monte Carlo standard error below 1e-3 either way).
+    seed: numpy seed.
+
+  Returns:
+    The mean random score.
+  """
+  if n_samples is None:
+    n_samples = int(np.clip(2**25 // (d * dh_early * dh_late), 200, 4000))
+  rng = np.random.default_rng(seed)
+  # Chunks of about 2**22 numbers per factor keep memory flat at large d.
+  chunk = max(1, 2**22 // (d * max(dh_early, dh_late)))
+  scores = []
+  for start in range(0, n_samples, chunk):
+    n = min(chunk, n_samples - start)
+    a = rng.standard_normal((n, d, dh_late))
+    b = rng.standard_normal((n, dh_late, d))
+    c = rng.standard_normal((n, d, dh_early))
+    dd = rng.standard_normal((n, dh_early, d))
+    # ||A B D^T C^T||_F^2 = tr(G^T (A^T A) G (C^T C)) with G = B D^T.
+    g = b @ dd.transpose(0, 2, 1)
+    ata = a.transpose(0, 2, 1) @ a
+    ctc = c.transpose(0, 2, 1) @ c
+    # Both Gram matrices are symmetric, so each trace is an elementwise sum.
+    num = np.sum((g.transpose(0, 2, 1) @ ata @ g) * ctc, axis=(1, 2))
+    n1 = np.sum(ata * (b @ b.transpose(0, 2, 1)), axis=(1, 2))
+    n2 = np.sum(ctc * (dd @ dd.transpose(0, 2, 1)), axis=(1, 2))
+    scores.append(np.sqrt(num / (n1 * n2)))
+  return float(np.mean(np.concatenate(scores)))
+
+
+def _pair_scores(early: Mapping[str, jax.Array], late: Mapping[str, jax.Array],
+                 subtract_baseline: bool) -> dict[str, jax.Array]:
+  """Q/K/V composition of every (late head, early head) pair; see caller."""
+  fe, fl = _factors(early), _factors(late)
+  # Gram matrices of the factors: everything below is [dh, dh]-sized.
+  qtq, ktk = _gram_cols(fl['q']), _gram_cols(fl['k'])     # [Hl, dl, dl]
+  vtv_l, oot_l = _gram_cols(fl['v']), _gram_rows(fl['o'])  # [Hl, dl, dl]
+  vtv_e, oot_e = _gram_cols(fe['v']), _gram_rows(fe['o'])  # [He, de, de]
+  qk_norm = jnp.sqrt(jnp.einsum('hab,hba->h', qtq, ktk, precision=_HI))
+  ov_l_norm = jnp.sqrt(jnp.einsum('hab,hba->h', vtv_l, oot_l, precision=_HI))
+  ov_e_norm = jnp.sqrt(jnp.einsum('hab,hba->h', vtv_e, oot_e, precision=_HI))
+
+  # Cross products between an early head i and a late head j, [Hl, He, ., .].
+  ok = jnp.einsum('iad,jdb->jiab', fe['o'], fl['k'], precision=_HI)  # o_i k_j
+  oq = jnp.einsum('iad,jdb->jiab', fe['o'], fl['q'], precision=_HI)  # o_i q_j
+  ov = jnp.einsum('iad,jdb->jiab', fe['o'], fl['v'], precision=_HI)  # o_i v_j
+  shape = ok.shape[:2]
+  late_b = lambda m: jnp.broadcast_to(m[:, None], shape + m.shape[1:])  # noqa: E731
+  early_b = lambda m: jnp.broadcast_to(m[None], shape + m.shape[1:])  # noqa: E731
+
+  # K: W_QK^j W_OV^i^T = q_j (o_i k_j)^T v_i^T.  X = q_j, G = (o_i k_j)^T.
+  k_sq = _sandwich_sq(late_b(qtq), jnp.swapaxes(ok, -1, -2), early_b(vtv_e))
+  # Q: W_OV^i W_QK^j = v_i (o_i q_j) k_j^T.  X = v_i, Y = k_j^T.
+  q_sq = _sandwich_sq(early_b(vtv_e), oq, late_b(ktk))
+  # V: W_OV^i W_OV^j = v_i (o_i v_j) o_j.  X = v_i, Y = o_j.
+  v_sq = _sandwich_sq(early_b(vtv_e), ov, late_b(oot_l))
+
+  denom_qk = qk_norm[:, None] * ov_e_norm[None, :]
+  denom_ov = ov_l_norm[:, None] * ov_e_norm[None, :]
+  scores = {
+      'q': jnp.sqrt(q_sq) / denom_qk,
+      'k': jnp.sqrt(k_sq) / denom_qk,
+      'v': jnp.sqrt(v_sq) / denom_ov,
+  }
+  if subtract_baseline:
+    d, dh_e = early['w_v'].shape[0], early['w_v'].shape[2]
+    dh_l = late['w_v'].shape[2]
+    base = composition_baseline(int(d), int(dh_e), int(dh_l))
+    scores = {n: s - base for n, s in scores.items()}
+  return scores
+
+
+def composition_scores(params: Params, layers: tuple[int, int] | None = None,
+                       subtract_baseline: bool = True):
+  """Q-, K- and V-composition scores between heads of two layers.
+
+  Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits",
+  score how much a later head reads what an earlier head writes by
+  `||W_later-side product||_F / (||W_late||_F ||W_early||_F)`. In the
+  row-vector convention (earlier head `i` writes `y = x W_OV^i`; later head
+  `j` scores `x_q W_QK^j x_k^T` and writes `x W_OV^j`), the products are:
+
+  * K-composition (`y` feeds the later head's keys,
+    `x_q W_QK^j (x_k W_OV^i)^T`): `||W_QK^j (W_OV^i)^T|| /
+    (||W_QK^j|| ||W_OV^i||)` -- the induction-head mechanism;
+  * Q-composition (`y` feeds its queries, `(x_q W_OV^i) W_QK^j x_k^T`):
+    `||W_OV^i W_QK^j|| / (||W_QK^j|| ||W_OV^i||)`;
+  * V-composition (`y` feeds its values, `(x W_OV^i) W_OV^j`):
+    `||W_OV^i W_OV^j|| / (||W_OV^j|| ||W_OV^i||)`.
+
+  Each score lies in `[0, 1]`. With `subtract_baseline`, the expected score
+  of random low-rank circuits of the same shapes (`composition_baseline`)
+  is subtracted, so independent random weights score about 0 and circuits
+  in orthogonal subspaces score about `-baseline`. Norms are computed from
+  `[dh, dh]` Gram matrices of the factors, never forming `[d, d]` products.
+
+  Args:
+    params: one run's params (layout in docs/interfaces.md).
+    layers: `(l_early, l_late)`; None means every pair `l_early < l_late`.
+    subtract_baseline: subtract the random-circuit baseline.
+
+  Returns:
+    If `layers` is given, or the model has exactly two layers: `{'q', 'k',
+    'v'}`, each `[H_late, H_early]` (row: later head, column: earlier head).
+    Otherwise `{(l_early, l_late): {'q', 'k', 'v'}}` over all pairs.
+  """
+  all_layers = layer_indices(params)
+  if layers is not None:
+    return _pair_scores(_attn(params, layers[0]), _attn(params, layers[1]),
+                        subtract_baseline)
+  if len(all_layers) < 2:
+    raise ValueError('composition needs at least two attention layers, '
+                     f'found {all_layers}')
+  if len(all_layers) == 2:
+    return _pair_scores(_attn(params, 0), _attn(params, 1), subtract_baseline)
+  return {(all_layers[e], all_layers[l]):
+              _pair_scores(_attn(params, e), _attn(params, l),
+                           subtract_baseline)
+          for l in range(len(all_layers)) for e in range(l)}
+
+
+def k_composition_svd_shares(
+    params: Params, layers: tuple[int, int] = (0, 1)
+) -> jax.Array:
+  """Share of each head pair's K-composition per earlier OV singular direction.
+
+  Following Merullo et al. 2024, "Talking Heads: Understanding Inter-layer
+  Communication in Transformer Language Models" (earlier heads talk to later
+  ones through low-rank subspaces): write the earlier head's
+  `W_OV^i = sum_r s_r u_r v_r^T` (SVD, `u_r` read from the residual stream,
+  `v_r` written to it, `s_1 >= s_2 >= ...`). The K-composition product
+  `W_QK^j (W_OV^i)^T` splits into `sum_r s_r (W_QK^j v_r) u_r^T`, and since
+  the `u_r` are orthonormal these terms are Frobenius-orthogonal:
+
+    `||W_QK^j (W_OV^i)^T||_F^2 = sum_r s_r^2 ||W_QK^j v_r||^2`.
+
+  The share of component `r` is `s_r^2 ||W_QK^j v_r||^2` over that sum, so
+  the shares are non-negative and sum to exactly 1 (NaN where the product is
+  zero). Only the first `dh_early` components are kept: `W_OV^i` has rank at
+  most `dh_early`, so the rest carry nothing.
+
+  Args:
+    params: one run's params.
+    layers: `(l_early, l_late)`.
+
+  Returns:
+    `[H_late, H_early, dh_early]` shares, components in order of decreasing
+    singular value.
+  """
+  early, late = _attn(params, layers[0]), _attn(params, layers[1])
+  dh_e = early['w_v'].shape[2]
+  _, w_ov = qk_ov(params, layers[0])                     # [He, d, d]
+  _, s, vh = jnp.linalg.svd(w_ov, full_matrices=False)   # s [He, d], vh [He, d, d]
+  s, out_dirs = s[:, :dh_e], vh[:, :dh_e, :]             # rows of vh are v_r
+  fl = _factors(late)
+  # W_QK^j v_r = q_j (k_j^T v_r);  ||.||^2 = (k_j^T v_r)^T (q_j^T q_j) (k_j^T v_r).
+  kv = jnp.einsum('jda,ird->jira', fl['k'], out_dirs, precision=_HI)
+  read = jnp.einsum('jira,jab,jirb->jir', kv, _gram_cols(fl['q']), kv,
+                    precision=_HI)
+  contrib = (s ** 2)[None] * read                         # [Hl, He, dh_e]
+  return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
+
+
+def ov_copying_score(params: Params, layer: int = -1,
+                     num_labels: int | None = None) -> jax.Array:
+  """Copying score of each head's OV circuit on label tokens.
+
+  With `E = embed_y/embedding[:num_labels]` (`[L, d]`) and
+  `W_U = unembed/kernel[:, :num_labels]` (`[d, L]`), head `h`'s label-to-
+  logit map is `M_h = E W_OV^h W_U` (`[L, L]`; row `a`: attending to a token
+  of label `a`, column `b`: logit of label `b`). The score is Elhage et al.
+  2021's copying score, `sum_k lambda_k / sum_k |lambda_k|` over the
+  eigenvalues of `M_h`, in `[-1, 1]`: 1 when `M_h` only amplifies each label
+  into itself (eigenvalues positive), -1 when it suppresses it, about 0 for
+  a map that moves labels to other labels. The numerator is `tr(M_h)` (real:
+  complex eigenvalues come in conjugate pairs). The eigenvalues are taken
+  of whichever of `M_h = (E v_h)(o_h W_U)` and `(o_h W_U)(E v_h)`
+  (`[dh, dh]`) is smaller; the two share their non-zero eigenvalues.
+  Positional embeddings and LayerNorm are ignored.
+
+  Args:
+    params: one run's params.
+    layer: layer index; negative counts from the last (the induction layer).
+    num_labels: only the first `num_labels` labels (those in use); None for
+      the whole label capacity `L`.
+
+  Returns:
+    `[H]` scores; NaN for a head whose `M_h` is zero.
+  """
+  p = _unwrap(params)
+  a = _attn(params, layer)
+  emb = p['embed_y']['embedding'][:num_labels]          # [L, d]
+  w_u = p['unembed']['kernel'][:, :num_labels]          # [d, L]
+  left = jnp.einsum('ld,dhe->hle', emb, a['w_v'], precision=_HI)   # [H, L, dh]
+  right = jnp.einsum('hed,dl->hel', a['w_o'], w_u, precision=_HI)  # [H, dh, L]
+  n_labels, dh = left.shape[1], left.shape[2]
+  if n_labels <= dh:
+    m = jnp.einsum('hle,hem->hlm', left, right, precision=_HI)
+  else:
+    m = jnp.einsum('hel,hlf->hef', right, left, precision=_HI)
+  eig = jnp.linalg.eigvals(m)
+  return jnp.real(jnp.sum(eig, axis=-1)) / jnp.sum(jnp.abs(eig), axis=-1)

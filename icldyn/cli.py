@@ -1,0 +1,198 @@
+"""The `icldyn` command: a thin layer that parses flags and calls one library function.
+
+    icldyn train   --config STUDY.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]
+                   [--grid FIELD=V1,V2,... ...] [--quiet] [--overwrite]
+    icldyn analyze --workdir DIR [--measures M,...] [--curve EVALUATOR/METRIC ...]
+    icldyn plot    --workdir DIR [--pdf]
+    icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
+    icldyn toy     --config experiments/toy.py[:smoke] --workdir DIR
+
+Bad input ends with one line `icldyn: error: FIELD: message` and exit code 2,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from icldyn.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume)
+
+DEMO_STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "experiments", "demo.py")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.FIELD=VALUE` (or `--config.FIELD VALUE`) from other args."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      body = a[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ConfigError(body, "override needs a value")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="icldyn", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train a grid of runs into a workdir")
+  t.add_argument("--config", required=True, help="study file, e.g. experiments/ih_paper.py:smoke")
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--grid", action="append", default=[],
+                 help="FIELD=V1,V2,... (repeat for a product); replaces the study's grid")
+  t.add_argument("--quiet", action="store_true", help="no progress lines")
+  t.add_argument("--overwrite", action="store_true",
+                 help="replace a workdir that holds a different config")
+
+  a = sub.add_parser("analyze", help="progress measures and phase-change timing of a workdir")
+  a.add_argument("--workdir", required=True)
+  a.add_argument("--measures", default=None, help="comma-separated measures (default: all)")
+  a.add_argument("--curve", action="append", default=[], help="EVALUATOR/METRIC to time")
+  a.add_argument("--quiet", action="store_true")
+
+  pl = sub.add_parser("plot", help="figures and report.md of a workdir")
+  pl.add_argument("--workdir", required=True)
+  pl.add_argument("--pdf", action="store_true", help="also write PDF figures")
+
+  d = sub.add_parser("demo", help="train, analyse and plot the default demo")
+  d.add_argument("--workdir", default="runs/demo")
+  d.add_argument("--quiet", action="store_true")
+
+  ty = sub.add_parser("toy", help="the toy model of phase changes (Singh et al. 2024, Fig. 5a)")
+  ty.add_argument("--config", default="experiments/toy.py")
+  ty.add_argument("--workdir", required=True)
+  return p
+
+
+def _setup_logging(quiet: bool) -> None:
+  logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                      format="[icldyn] %(message)s", stream=sys.stderr)
+  for noisy in ("absl", "orbax", "jax", "etils", "matplotlib"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  try:
+    import absl.logging
+    absl.logging.set_verbosity(absl.logging.ERROR)
+  except ImportError:
+    pass
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+  from icldyn import config as config_lib
+  from icldyn import runner
+  cfg = config_lib.load_config(args.config)
+  config_lib.apply_overrides(cfg, overrides)
+  try:
+    summary = runner.train(cfg, args.workdir, args.grid, quiet=args.quiet, overwrite=args.overwrite)
+  except runner.Preempted as e:
+    cmd = " ".join(shlex.quote(a) for a in sys.argv)
+    print(f"icldyn: {e}; resume with: {cmd}", file=sys.stderr)
+    return EXIT_PREEMPTED
+  n_div = len(summary["diverged"])
+  print(f"icldyn: trained {summary['num_runs']} run(s) in {summary['seconds']:.0f}s; "
+        f"{n_div} diverged{' ' + str(summary['diverged']) if n_div else ''}; "
+        f"results in {summary['workdir']}", file=sys.stderr)
+  return EXIT_DIVERGED if n_div else 0
+
+
+def cmd_analyze(args) -> int:
+  from icldyn.analysis import command
+  command.analyze(args.workdir, measures=args.measures, curves=args.curve or None,
+                  quiet=args.quiet)
+  return 0
+
+
+def cmd_plot(args) -> int:
+  from icldyn import plots, report
+  if not os.path.isdir(args.workdir):
+    raise ConfigError("--workdir", f"no such directory {args.workdir}")
+  paths = plots.make_all(args.workdir, pdf=args.pdf)
+  rep = report.write_report(args.workdir)
+  print(f"icldyn: wrote {len(paths)} figure(s) under {os.path.join(args.workdir, 'plots')} "
+        f"and {rep}", file=sys.stderr)
+  return 0
+
+
+def cmd_demo(args) -> int:
+  from icldyn import config as config_lib
+  from icldyn import plots, report, runner
+  from icldyn.analysis import command
+  cfg = config_lib.load_config(DEMO_STUDY)
+  try:
+    summary = runner.train(cfg, args.workdir, None, quiet=args.quiet)
+  except runner.Preempted as e:
+    print(f"icldyn: {e}; run `make demo` again to resume", file=sys.stderr)
+    return EXIT_PREEMPTED
+  command.analyze(args.workdir, quiet=args.quiet)
+  paths = plots.make_all(args.workdir)
+  rep = report.write_report(args.workdir)
+  print(f"\nicldyn demo: {summary['num_runs']} runs trained in {summary['seconds']:.0f}s.\n"
+        f"  metrics:       {os.path.join(args.workdir, 'metrics.csv')}\n"
+        f"  checkpoints:   {os.path.join(args.workdir, 'checkpoints')}\n"
+        f"  TensorBoard:   tensorboard --logdir {os.path.join(args.workdir, 'tb')}\n"
+        f"  phase changes: {os.path.join(args.workdir, 'analysis', 'phase_changes.csv')}\n"
+        f"  figures:       {os.path.join(args.workdir, 'plots')} ({len(paths)} files)\n"
+        f"  report:        {rep}", file=sys.stderr)
+  return 0
+
+
+def cmd_toy(args) -> int:
+  from icldyn import config as config_lib
+  from icldyn import toy
+  cfg = config_lib.load_config(args.config)
+  try:
+    toy_cfg = toy.ToyConfig.from_mapping(cfg.toy)
+  except ValueError as e:
+    raise ConfigError("toy", str(e)) from e
+  summary = toy.run_toy_study(args.workdir, toy_cfg, list(cfg.init_seeds),
+                              clamps=tuple(cfg.clamps), level=cfg.level)
+  for cond, s in summary.items():
+    print(f"{cond:>10}: transition median {s.get('median')} over {s.get('n_seeds')} seeds",
+          file=sys.stderr)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the `icldyn` console script."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    _setup_logging(getattr(args, "quiet", False))
+    if overrides and args.command != "train":
+      raise ConfigError(overrides[0].split("=")[0], "--config.FIELD overrides apply to train only")
+    if args.command == "train":
+      return cmd_train(args, overrides)
+    if args.command == "analyze":
+      return cmd_analyze(args)
+    if args.command == "plot":
+      return cmd_plot(args)
+    if args.command == "demo":
+      return cmd_demo(args)
+    if args.command == "toy":
+      return cmd_toy(args)
+  except ConfigError as e:
+    print(f"icldyn: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,240 @@
+"""The attention-only transformer of Singh et al. 2024 (arXiv 2404.07129), in Flax linen.
+
+Tokens interleave exemplars and labels, `[x_1, y_1, ..., x_C, y_C, x_q]`.
+The forward pass returns the logits at exemplar positions and every
+intermediate activation under the names of docs/interfaces.md, and takes an
+optional clamp tree mirroring those activations.
+
+Model details follow the paper's code, since phase-change timing depends on
+them: pre-LayerNorm blocks and a final LayerNorm; no bias on q/k/v and on the
+output projection; bias on the exemplar embedding and on the unembedding;
+scores scaled by 1/sqrt(d_head); RoPE (base 10000) on q and k over each
+head's dimensions; LeCun-normal weights and zero biases; label embedding from
+a normal truncated at +-2 sigma with sigma = 0.02; no weight decay.
+
+Differences, and why: (1) label embedding rows and unembedding columns are
+drawn per label from `fold_in(key, label)` (same distribution), so that a run
+with K labels padded to a larger label capacity in a grid starts from exactly
+the parameters it has alone; (2) logits of labels >= the run's `num_labels`
+are -inf, which makes the padded model behave as a K-output model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icldyn.clamps import apply_clamp
+
+_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Static model shape; hashable so it can key a compilation.
+
+  Attributes:
+    num_layers, num_heads, d_model: transformer size.
+    num_labels: label capacity L (outputs and label embeddings).
+    context_len: C pairs, so T = 2C + 1 tokens.
+    input_dim: D, exemplar dimension.
+    pos_embedding: 'rope' | 'sinusoidal' | 'learned'.
+    layer_norm: pre-LN blocks plus a final LN.
+    mlp_ratio: None for attention only, else MLP width / d_model.
+    rope_base: RoPE base frequency.
+  """
+  num_layers: int
+  num_heads: int
+  d_model: int
+  num_labels: int
+  context_len: int
+  input_dim: int
+  pos_embedding: str = "rope"
+  layer_norm: bool = True
+  mlp_ratio: float | None = None
+  rope_base: float = 10000.0
+
+  @property
+  def d_head(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def seq_len(self) -> int:
+    return 2 * self.context_len + 1
+
+
+def per_label_init(std: float, fan_axis: int):
+  """Truncated-normal init drawn one label at a time (label axis `fan_axis`).
+
+  Args:
+    std: the target standard deviation (after truncation at +-2).
+    fan_axis: the label axis of the parameter.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    n = shape[fan_axis]
+    rest = tuple(s for i, s in enumerate(shape) if i != fan_axis)
+    def one(i):
+      return jax.random.truncated_normal(jax.random.fold_in(key, i), -2.0, 2.0, rest, dtype)
+    rows = jax.vmap(one)(jnp.arange(n, dtype=jnp.uint32))  # [n, *rest]
+    return jnp.moveaxis(rows, 0, fan_axis) * (std / _TRUNC_STD)
+  return init
+
+
+def rope(x: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding over the head dimension (Su et al. 2021).
+
+  Args:
+    x: [B, T, H, dh] queries or keys.
+    base: base frequency.
+
+  Returns:
+    [B, T, H, dh], pairs (x[2i], x[2i+1]) rotated by angle pos * base^(-2i/dh).
+  """
+  t, dh = x.shape[1], x.shape[-1]
+  freq = base ** (-np.arange(0, dh, 2, dtype=np.float64) / dh)
+  ang = np.arange(t, dtype=np.float64)[:, None] * freq[None, :]  # [T, dh/2]
+  cos = jnp.asarray(np.cos(ang), x.dtype)[None, :, None, :]
+  sin = jnp.asarray(np.sin(ang), x.dtype)[None, :, None, :]
+  x1, x2 = x[..., 0::2], x[..., 1::2]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.reshape(x.shape)
+
+
+def sinusoidal(t: int, d: int) -> np.ndarray:
+  """Fixed sinusoidal positions (Vaswani et al. 2017), [T, d]."""
+  pos = np.arange(t)[:, None]
+  i = np.arange(0, d, 2)[None, :]
+  ang = pos / (10000.0 ** (i / d))
+  out = np.zeros((t, d), np.float32)
+  out[:, 0::2] = np.sin(ang)
+  out[:, 1::2] = np.cos(ang[:, : d // 2])
+  return out
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention returning its intermediates."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array, clamps: dict | None) -> tuple[jax.Array, dict]:
+    s = self.spec
+    h, dh, d = s.num_heads, s.d_head, s.d_model
+    qkv_init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    w_q = self.param("w_q", qkv_init, (d, h, dh))
+    w_k = self.param("w_k", qkv_init, (d, h, dh))
+    w_v = self.param("w_v", qkv_init, (d, h, dh))
+    w_o = self.param("w_o", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), (h, dh, d))
+    c = clamps or {}
+    acts = {}
+
+    def site(name, value):
+      acts[name] = apply_clamp(value, c.get(name))
+      return acts[name]
+
+    q = jnp.einsum("btd,dhe->bthe", x, w_q)
+    k = jnp.einsum("btd,dhe->bthe", x, w_k)
+    if s.pos_embedding == "rope":
+      q, k = rope(q, s.rope_base), rope(k, s.rope_base)
+    q = site("q", q)
+    k = site("k", k)
+    v = site("v", jnp.einsum("btd,dhe->bthe", x, w_v))
+    t = x.shape[1]
+    causal = np.tril(np.ones((t, t), bool))
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
+    scores = site("scores", jnp.where(causal, scores, -jnp.inf))
+    pattern = site("pattern", jax.nn.softmax(scores, axis=-1))
+    z = site("z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
+    out = site("out", jnp.einsum("bqhe,hed->bqd", z, w_o))
+    return out, acts
+
+
+class Block(nn.Module):
+  """Pre-LN attention block (plus an optional MLP)."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, resid: jax.Array, clamps: dict | None) -> tuple[jax.Array, dict]:
+    c = clamps or {}
+    resid = apply_clamp(resid, c.get("resid_pre"))
+    acts = {"resid_pre": resid}
+    x = nn.LayerNorm(name="ln")(resid) if self.spec.layer_norm else resid
+    out, acts["attn"] = Attention(self.spec, name="attn")(x, c.get("attn"))
+    resid = resid + out
+    if self.spec.mlp_ratio:
+      width = int(round(self.spec.mlp_ratio * self.spec.d_model))
+      y = nn.LayerNorm(name="ln_mlp")(resid) if self.spec.layer_norm else resid
+      y = nn.Dense(width, name="mlp_in")(y)
+      y = nn.Dense(self.spec.d_model, name="mlp_out")(jax.nn.gelu(y))
+      y = apply_clamp(y, c.get("mlp_out"))
+      acts["mlp_out"] = y
+      resid = resid + y
+    acts["resid_post"] = apply_clamp(resid, c.get("resid_post"))
+    return acts["resid_post"], acts
+
+
+class Transformer(nn.Module):
+  """The attention-only transformer over interleaved exemplar-label tokens."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, labels: jax.Array, num_labels: jax.Array,
+               clamps: dict | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Runs the model.
+
+    Args:
+      inputs: [B, C+1, D] exemplars, the query last.
+      labels: [B, C+1] int labels; the last (the query's target) is not read.
+      num_labels: [] int, the run's label count; larger labels get -inf logits.
+      clamps: optional clamp tree mirroring the activations.
+
+    Returns:
+      logits [B, C+1, L] at exemplar positions, and the activation tree.
+    """
+    s = self.spec
+    c = clamps or {}
+    b, n, _ = inputs.shape
+    ex = nn.Dense(s.d_model, name="embed_x", kernel_init=nn.initializers.lecun_normal(),
+                  bias_init=nn.initializers.zeros)(inputs)  # [B, C+1, d]
+    lab = nn.Embed(s.num_labels, s.d_model, name="embed_y",
+                   embedding_init=per_label_init(0.02, 0))(labels[:, :-1])  # [B, C, d]
+    pairs = jnp.stack([ex[:, :-1], lab], axis=2).reshape(b, 2 * (n - 1), s.d_model)
+    tokens = jnp.concatenate([pairs, ex[:, -1:]], axis=1)  # [B, T, d]
+    if s.pos_embedding == "sinusoidal":
+      tokens = tokens + sinusoidal(s.seq_len, s.d_model)[None]
+    elif s.pos_embedding == "learned":
+      pos = self.param("pos", nn.initializers.normal(0.02), (s.seq_len, s.d_model))
+      tokens = tokens + pos[None]
+    resid = apply_clamp(tokens, c.get("embed"))
+    acts: dict[str, Any] = {"embed": resid}
+    for layer in range(s.num_layers):
+      name = f"layer_{layer}"
+      resid, acts[name] = Block(s, name=name)(resid, c.get(name))
+    final = nn.LayerNorm(name="ln_final")(resid) if s.layer_norm else resid
+    acts["resid_final"] = final
+    logits = nn.Dense(s.num_labels, name="unembed",
+                      kernel_init=per_label_init(1.0 / np.sqrt(s.d_model), 1),
+                      bias_init=nn.initializers.zeros)(final[:, 0::2])  # [B, C+1, L]
+    logits = jnp.where(jnp.arange(s.num_labels) < num_labels, logits, -jnp.inf)
+    logits = apply_clamp(logits, c.get("logits"))
+    acts["logits"] = logits
+    return logits, acts
+
+
+def init_params(spec: ModelSpec, seed: jax.Array) -> dict:
+  """Parameters of one run from its init seed (jit- and vmap-friendly)."""
+  model = Transformer(spec)
+  b, n = 1, spec.context_len + 1
+  dummy_x = jnp.zeros((b, n, spec.input_dim), jnp.float32)
+  dummy_y = jnp.zeros((b, n), jnp.int32)
+  return model.init(jax.random.PRNGKey(seed), dummy_x, dummy_y, spec.num_labels)["params"]
+
+
+def apply(spec: ModelSpec, params: dict, inputs: jax.Array, labels: jax.Array,
+          num_labels: jax.Array, clamps: dict | None = None) -> tuple[jax.Array, dict]:
+  """Pure forward pass: `(logits [B, C+1, L], acts)`."""
+  return Transformer(spec).apply({"params": params}, inputs, labels, num_labels, clamps)

@@ -1,0 +1,418 @@
+"""Tests for icldyn.plots, .report and .results on synthetic workdirs.
+
+The workdirs are written here in the CSV formats of docs/interfaces.md, so
+these tests pin the plotting side of that contract without training anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icldyn import plots
+from icldyn import report
+from icldyn import results
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+# Low resolution keeps the suite fast; sizes are checked against it.
+TEST_DPI = 60
+STEPS = np.unique(np.round(np.geomspace(100, 200_000, 24))).astype(int)
+HEADS = 2
+
+
+def _write_csv(path: pathlib.Path, header, rows) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def _onset(settings: dict) -> float:
+  """Synthetic phase-change time: later with more classes, never if huge."""
+  base = 2_000.0 * (settings.get('data.num_train_classes', 64) / 64) ** 1.2
+  if settings.get('clamp.condition') == 'ablate':
+    base *= 3
+  return base * (1 + 0.1 * settings.get('seeds.init', 0))
+
+
+def write_workdir(path: pathlib.Path, settings: list[dict], *,
+                  analysis: bool = True,
+                  evaluators: tuple[str, ...] | None = None) -> pathlib.Path:
+  """Writes a synthetic workdir with one run per entry of `settings`.
+
+  Args:
+    path: the workdir to create.
+    settings: per-run settings (dotted names), one dict per run.
+    analysis: whether to write analysis/ (progress, phase changes, summary).
+    evaluators: log only these evaluators; all by default.
+  """
+  path.mkdir(parents=True, exist_ok=True)
+  names = list(settings[0])
+  (path / 'config.json').write_text(json.dumps({'grid': names}))
+  _write_csv(path / 'runs.csv',
+             ['run', 'group', 'group_index'] + names + ['status',
+                                                        'diverged_step'],
+             [[r, 0, r] + [s[n] for n in names] + ['ok', '']
+              for r, s in enumerate(settings)])
+  metrics, progress, phase = [], [], []
+  for r, s in enumerate(settings):
+    t0 = _onset(s)
+    sig = 1 / (1 + np.exp(-4 * (np.log(STEPS) - np.log(t0))))
+    curves = {
+        ('train', 'loss'): 1.2 * (1 - sig) + 0.05,
+        ('train', 'grad_norm'): 1 + sig,
+        ('fsl_train', 'loss'): 1.0 * (1 - sig) + 0.05,
+        ('fsl_train', 'acc'): 0.5 + 0.5 * sig,
+        ('fsl_val_rl', 'loss'): 1.1 * (1 - sig) + 0.1,
+        ('fsl_val_rl', 'acc'): 0.5 + 0.45 * sig,
+    }
+    for h in range(HEADS):
+      curves['fsl_train', f'induction_strength.h{h}'] = sig * (0.8 - 0.5 * h)
+      curves['fsl_train', f'prev_token.h{h}'] = sig * (0.9 - 0.6 * h)
+    for (ev, m), values in curves.items():
+      if evaluators is not None and ev not in evaluators:
+        continue
+      metrics += [[step, r, ev, m, f'{v:.6g}']
+                  for step, v in zip(STEPS, values)]
+    for step, v in zip(STEPS[::4], sig[::4]):
+      for h in range(HEADS):
+        progress.append([step, r, 'induction_strength', 1, h, '', '', v])
+        progress.append([step, r, 'prev_token', 0, h, '', '', v / 2])
+        for h2 in range(HEADS):
+          for m in ('k_composition', 'q_composition'):
+            progress.append([step, r, m, 1, h, 0, h2, v * (h + h2 + 1) / 4])
+    crossed = t0 < STEPS[-1] / 2
+    phase.append([r] + [s[n] for n in names] + [
+        'fsl_train/loss', 'threshold', t0 if crossed else '',
+        t0 if crossed else '', t0 if crossed else '', crossed, ''])
+  _write_csv(path / 'metrics.csv', ['step', 'run', 'evaluator', 'metric',
+                                    'value'], metrics)
+  if not analysis:
+    return path
+  _write_csv(path / 'analysis' / 'progress.csv',
+             ['step', 'run', 'measure', 'layer', 'head', 'layer2', 'head2',
+              'value'], progress)
+  _write_csv(path / 'analysis' / 'phase_changes.csv',
+             ['run'] + names + list(results.PHASE_COLUMNS), phase)
+  _write_summary(path, names, phase)
+  return path
+
+
+def _write_summary(path: pathlib.Path, names: list[str], phase: list) -> None:
+  """summary.csv aggregated over seeds the way the analysis module would."""
+  keep = [i for i, n in enumerate(names) if n not in results.SEED_COLUMNS]
+  groups: dict[tuple, list] = {}
+  for row in phase:
+    groups.setdefault(tuple(row[1 + i] for i in keep), []).append(row)
+  rows = []
+  for key, members in groups.items():
+    times = [float(m[-5]) for m in members if m[-2]]
+    mean = float(np.mean(times)) if times else math.nan
+    std = float(np.std(times)) if times else math.nan
+    rows.append(list(key) + ['fsl_train/loss', 'threshold', 'midpoint',
+                             len(members), len(times), mean, std,
+                             mean - std, mean + std])
+  _write_csv(path / 'analysis' / 'summary.csv',
+             [names[i] for i in keep] + list(results.SUMMARY_COLUMNS), rows)
+
+
+def _seeds(i: int) -> dict:
+  return {'seeds.init': i, 'seeds.data': i, 'seeds.eval': 0}
+
+
+@pytest.fixture
+def one_run(tmp_path):
+  return write_workdir(tmp_path / 'one',
+                       [{'data.num_train_classes': 64, **_seeds(0)}])
+
+
+@pytest.fixture
+def grid(tmp_path):
+  """2 burstiness settings x 2 seeds."""
+  settings = [{'data.num_train_classes': 64, 'data.burstiness': b,
+               **_seeds(i)} for b, i in itertools.product((0, 2), (0, 1))]
+  return write_workdir(tmp_path / 'grid', settings)
+
+
+@pytest.fixture
+def clamped(tmp_path):
+  """3 class counts x 2 clamp conditions x 2 seeds; the largest with the
+  clamp never crosses."""
+  settings = [{'data.num_train_classes': k, 'clamp.condition': c, **_seeds(i)}
+              for k, c, i in itertools.product((64, 256, 1024),
+                                               ('none', 'ablate'), (0, 1))]
+  return write_workdir(tmp_path / 'clamped', settings)
+
+
+@pytest.fixture
+def bare(tmp_path):
+  """Training metrics only: no analysis/ and no checkpoints."""
+  return write_workdir(tmp_path / 'bare', [{'data.num_train_classes': 64,
+                                            **_seeds(0)}], analysis=False,
+                       evaluators=('fsl_train',))
+
+
+def png_size(path: pathlib.Path) -> tuple[int, int]:
+  """(width, height) from a PNG's IHDR chunk, checking the signature."""
+  head = path.read_bytes()[:24]
+  assert head[:8] == PNG_MAGIC, f'{path} is not a PNG'
+  assert head[12:16] == b'IHDR'
+  return struct.unpack('>II', head[16:24])
+
+
+def check_png(path: pathlib.Path, fig) -> None:
+  # Agg truncates the figure's size in pixels to whole pixels.
+  width, height = fig.get_size_inches() * TEST_DPI
+  assert png_size(path) == (int(width), int(height))
+
+
+def legend_texts(fig) -> list[str]:
+  """Texts of every figure-level legend, subfigures' included."""
+  legends = list(fig.legends)
+  for sub in fig.subfigs:
+    legends += sub.legends
+  return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def count(ax, gid: str) -> int:
+  artists = list(ax.lines) + list(ax.collections)
+  return sum(a.get_gid() == gid for a in artists)
+
+
+# ----------------------------------------------------------------------------
+
+
+def test_read_table_types(grid):
+  data = results.load_workdir(grid)
+  assert data.runs['run'].dtype == np.int64
+  assert data.metrics['value'].dtype == np.float64
+  assert data.phase_changes['crossed'].dtype == bool
+  single = np.char.endswith(data.progress['measure'], '_composition') == 0
+  assert np.isnan(data.progress['layer2'][single]).all()
+  assert not np.isnan(data.progress['layer2'][~single]).any()
+  assert data.varying_settings() == ['data.burstiness']
+  groups = data.setting_groups()
+  assert [g for _, g in groups] == [[0, 1], [2, 3]]
+  assert groups[1][0] == {'data.burstiness': 2}
+
+
+def test_series_keeps_last_write_of_a_step():
+  table = results.Table({'step': np.array([1, 2, 2, 3]),
+                         'run': np.array([0, 0, 0, 0]),
+                         'value': np.array([1.0, 2.0, 5.0, 3.0])})
+  steps, values = results.series_by_run(table, {})[0]
+  np.testing.assert_array_equal(steps, [1, 2, 3])
+  np.testing.assert_array_equal(values, [1.0, 5.0, 3.0])
+
+
+def test_phase_curves_one_run(one_run):
+  fig = plots.phase_curves_figure(one_run)
+  axes = fig.axes
+  # train, fsl_train, fsl_val_rl; rows loss and acc.
+  assert len(axes) == 6
+  loss_ax = axes[1]  # row-major: [loss train, loss fsl_train, ...]
+  assert count(loss_ax, 'curve') == 1
+  assert count(loss_ax, 'ref') == 2
+  assert count(loss_ax, 'phase') == 1
+  assert count(loss_ax, 'band') == 0
+  assert loss_ax.get_xscale() == 'log'
+
+
+def test_phase_curves_grid_averages_seeds(grid):
+  fig = plots.phase_curves_figure(grid, evaluators=['fsl_train'])
+  loss_ax, acc_ax = fig.axes
+  assert count(loss_ax, 'curve') == 2
+  assert count(loss_ax, 'band') == 2
+  assert count(acc_ax, 'ref') == 0
+  # Every run of the two settings crossed: one mark per run.
+  assert count(loss_ax, 'phase') == 4
+  assert fig.legends and 'burstiness=0 (n=2)' in [
+      t.get_text() for t in fig.legends[0].get_texts()]
+  fig = plots.phase_curves_figure(grid, evaluators=['fsl_train'], band=None)
+  assert count(fig.axes[0], 'band') == 0
+
+
+def test_progress_heads(grid):
+  fig = plots.progress_heads_figure(grid)
+  assert len(fig.axes) == 4 * 2  # 4 runs x (induction, prev-token)
+  assert all(count(ax, 'head') == HEADS for ax in fig.axes)
+  fig = plots.progress_heads_figure(grid, average=True, max_rows=1)
+  assert len(fig.axes) == 2
+  assert fig.legends[0].get_texts()[-1].get_text() == 'showing 1 of 2 settings'
+  fig = plots.progress_heads_figure(grid, source='progress')
+  assert all(count(ax, 'head') == HEADS for ax in fig.axes)
+
+
+def test_timing_vs_data_clamp(clamped, tmp_path):
+  fig = plots.timing_vs_data_figure(clamped)
+  (ax,) = fig.axes
+  assert ax.get_xlabel() == 'num_train_classes'
+  assert count(ax, 'timing') == 2  # one line per clamp condition
+  # Only (1024, ablate) never crosses: one open marker at the top.
+  (never,) = [l for l in ax.lines if l.get_gid() == 'not_crossed']
+  assert len(never.get_xdata()) == 1
+  assert 'never crossed (at top)' in legend_texts(fig)
+  assert 'condition=ablate' in legend_texts(fig)
+  (path,) = plots.plot_timing_vs_data(clamped, tmp_path, formats=('pdf',))
+  assert path.name == 'timing_vs_data.pdf'
+  assert path.read_bytes()[:5] == b'%PDF-'
+
+
+def test_timing_two_data_axes(tmp_path):
+  settings = [{'data.num_train_classes': k, 'data.burstiness': b, **_seeds(0)}
+              for k, b in itertools.product((64, 256, 1024), (0, 2))]
+  fig = plots.timing_vs_data_figure(write_workdir(tmp_path / 'w', settings))
+  assert [ax.get_xlabel() for ax in fig.axes] == ['num_train_classes',
+                                                  'burstiness']
+  # Each panel draws one line per value of the other axis, each with one
+  # point per value of its own axis.
+  for ax, n_lines, n_x in zip(fig.axes, (2, 3), (3, 2)):
+    lines = [l for l in ax.lines if l.get_gid() in ('timing', 'not_crossed')]
+    timing = [l for l in lines if l.get_gid() == 'timing']
+    assert len(timing) == n_lines
+    xs = [x for l in lines for x in l.get_xdata()]
+    assert len(xs) == n_lines * n_x and len(set(xs)) == n_x
+  assert 'burstiness=2' in legend_texts(fig)
+  assert 'num_train_classes=1024' in legend_texts(fig)
+
+
+def test_timing_from_phase_changes_matches_summary(clamped):
+  data = results.load_workdir(clamped)
+  from_summary = plots.timing_vs_data_figure(data)
+  data.summary = None
+  from_runs = plots.timing_vs_data_figure(data)
+  lines = [[l for l in f.axes[0].lines if l.get_gid() == 'timing']
+           for f in (from_summary, from_runs)]
+  for a, b in zip(*lines):
+    np.testing.assert_allclose(a.get_ydata(), b.get_ydata())
+
+
+def test_timing_skips_without_a_data_axis(one_run, caplog):
+  with caplog.at_level(logging.INFO):
+    assert plots.timing_vs_data_figure(one_run) is None
+  assert 'no data setting varies' in caplog.text
+
+
+def test_composition(grid):
+  fig = plots.composition_figure(grid, average=True)
+  # 2 settings x (q, k) composition; 4 head pairs each.
+  assert len(fig.axes) == 4
+  assert fig.axes[0].get_ylabel() == 'q composition'
+  assert all(count(ax, 'pair') == HEADS * HEADS for ax in fig.axes)
+  fig = plots.composition_figure(grid, highlight=2, max_rows=1)
+  assert [t.get_text() for t in fig.legends[0].get_texts()][-2:] == [
+      'other pairs (2)', 'showing 1 of 4 runs']
+
+
+def test_attention_patterns(tmp_path):
+  rng = np.random.default_rng(0)
+  t = 7
+  logits = rng.normal(size=(10, 2, 3, t, t))
+  logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+  patterns = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  steps = np.arange(10) * 1000
+  fig = plots.attention_patterns_figure(patterns, steps, max_checkpoints=4)
+  images = [ax for ax in fig.axes if ax.images]
+  assert len(images) == 4 * 6  # rows = checkpoints, cols = layers x heads
+  assert images[6].get_ylabel() == '3,000'
+  with pytest.raises(ValueError):
+    plots.attention_patterns_figure(patterns[0], steps)
+  assert plots.plot_attention_patterns(None, None, tmp_path) is None
+
+
+def test_make_all_and_report(tmp_path):
+  # One evaluator keeps the figures, and so the test, small.
+  one_run = write_workdir(tmp_path / 'w', [{'data.num_train_classes': 64,
+                                            **_seeds(0)}],
+                          evaluators=('fsl_train',))
+  t = 5
+  patterns = np.full((3, 1, 2, t, t), 1.0 / t)
+  np.savez(one_run / plots.ATTENTION_FILE, patterns=patterns,
+           steps=np.array([0, 10, 100]), run=0)
+  paths = plots.make_all(one_run, dpi=TEST_DPI)
+  # Figures with make_all's defaults, to know each PNG's size. One run
+  # sweeps no data setting, so there is no timing figure.
+  figures = {
+      'phase_curves': plots.phase_curves_figure(one_run),
+      'progress_heads': plots.progress_heads_figure(one_run),
+      'composition': plots.composition_figure(one_run),
+      'attention_patterns': plots.attention_patterns_figure(
+          patterns, [0, 10, 100], title='run 0'),
+  }
+  assert [p.name for p in paths] == [f'{k}.png' for k in figures]
+  for path, fig in zip(paths, figures.values()):
+    assert path.parent == one_run / 'plots'
+    check_png(path, fig)
+  out = report.write_report(one_run)
+  text = out.read_text()
+  assert out == one_run / 'report.md'
+  for name in figures:
+    assert f'![{name}](plots/{name}.png)' in text
+  assert text.index('phase_curves.png') < text.index('attention_patterns.png')
+
+
+def test_timing_png(clamped, tmp_path):
+  (path,) = plots.plot_timing_vs_data(clamped, tmp_path, dpi=TEST_DPI)
+  check_png(path, plots.timing_vs_data_figure(clamped))
+
+
+def test_report_per_setting(clamped):
+  text = report.write_report(clamped).read_text()
+  # Per-setting table: 6 settings, the (1024, ablate) one not crossed.
+  table = [l for l in text.splitlines() if l.startswith('| ')]
+  assert len(table) == 1 + 6
+  assert sum(report.NOT_CROSSED in l for l in table) == 1
+  assert '`condition`' in table[0] and '`num_train_classes`' in table[0]
+  assert '| 64 | none | 2/2 |' in text
+
+
+def test_report_per_run_without_summary(clamped):
+  (clamped / 'analysis' / 'summary.csv').unlink()
+  text = report.write_report(clamped).read_text()
+  table = [l for l in text.splitlines() if l.startswith('| ')]
+  assert len(table) == 1 + 12
+  assert sum(report.NOT_CROSSED in l for l in table) == 2
+  assert 'No figures' in text
+
+
+def test_bare_workdir_skips_with_notes(bare, caplog):
+  with caplog.at_level(logging.INFO):
+    paths = plots.make_all(bare, dpi=TEST_DPI)
+  # Curves and per-head scores come from metrics.csv alone.
+  assert sorted(p.name for p in paths) == ['phase_curves.png',
+                                           'progress_heads.png']
+  for figure in ('timing vs data', 'composition', 'attention patterns'):
+    assert f'Skipping {figure}' in caplog.text
+  fig = plots.phase_curves_figure(bare)
+  assert len(fig.axes) == 2
+  assert count(fig.axes[0], 'phase') == 0
+  text = report.write_report(bare).read_text()
+  assert 'No phase-change results' in text
+
+
+def test_empty_workdir(tmp_path, caplog):
+  with caplog.at_level(logging.INFO):
+    assert plots.make_all(tmp_path / 'missing') == []
+  assert 'Skipping phase curves: no metrics.csv' in caplog.text
+  assert not (tmp_path / 'missing' / 'plots').exists()
+
+
+def test_never_imports_jax():
+  code = ('import sys; import icldyn.plots, icldyn.report, icldyn.results; '
+          'bad = sorted(m for m in sys.modules if m == "jax" or '
+          'm.startswith(("jax.", "jaxlib", "flax", "optax", "orbax"))); '
+          'assert not bad, bad')
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+                 timeout=60)
