@@ -66,7 +66,8 @@ class Store:
     self.resume.wait_until_finished()
 
   def resume_steps(self) -> list[int]:
-    return sorted(self.resume.all_steps(read=True))
+    self.resume.reload()
+    return sorted(self.resume.all_steps())
 
   def restore_state(self, step: int, like: Any) -> Any:
     """Restores a resume state shaped like `like` (numpy leaves)."""
@@ -74,11 +75,12 @@ class Store:
     return self.resume.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def stream_steps(self) -> list[int]:
-    return sorted(self.stream.all_steps(read=True))
+    self.stream.reload()
+    return sorted(self.stream.all_steps())
 
   def restore_params(self, step: int) -> Any:
     """Restores the stacked params saved at `step`."""
-    return self.stream.restore(step)
+    return self.stream.restore(step, args=ocp.args.StandardRestore())
 
   def close(self) -> None:
     self.stream.close()

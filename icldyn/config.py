@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.evaluators = ",".join(EVALUATORS)
   c.eval.size = 1000  # sequences per evaluator
   c.eval.batch = 250  # sequences per evaluation micro-batch (memory only; results do not depend on it)
-  c.eval.clamps = ""  # comma-separated named clamps to evaluate under (see icldyn.clamps)
+  c.eval.clamps = ""  # comma-separated named clamps to evaluate under: keep_head_3,ablate_layer_0 (icldyn.clamps.named_plan)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50_000  # sequences; 0 = off
@@ -104,10 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.resume_every = 100_000  # sequences between resume checkpoints
 
   c.clamp = ml_collections.ConfigDict()
-  c.clamp.keep_head = -1  # >= 0: ablate every last-layer head but this one
-  c.clamp.condition = "none"  # sub-circuit condition (icldyn.clamps.CONDITIONS)
-  c.clamp.strength = 1.0  # strength s of fixed-pattern clamps
-  c.clamps = ""  # extra named clamps applied in training (icldyn.clamps)
+  c.clamp.keep_head = -1  # >= 0: ablate (the values of) every last-layer head but this one
+  c.clamp.condition = "none"  # sub-circuit condition (icldyn.clamps.CONDITIONS, docs/clamps.md)
+  c.clamp.strength = 1.0  # strength s of the prev_token and match conditions
+  c.clamps = ""  # training clamps, e.g. "ablate(layer=1, heads=[0, 2]) + prev_token(layer=0)" (docs/clamps.md)
 
   c.grid = ()  # tuple of 'FIELD=V1,V2' (product) or 'F1+F2=A1/B1,A2/B2' (zip) strings
   c.lock()
@@ -358,6 +358,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(ck.log_num >= 0, "checkpoint.log_num", "must be >= 0")
   _require(ck.resume_every >= 0, "checkpoint.resume_every", "must be >= 0")
   checkpoint_sequences(cfg)  # parses checkpoint.steps
+
+  from icldyn import clamps as clamps_lib  # local import: icldyn.clamps imports this module
+  clamps_lib.validate(cfg)  # clamps, clamp.*, eval.clamps
 
 
 def _finite(x: Any) -> bool:

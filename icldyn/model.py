@@ -68,12 +68,15 @@ class ModelSpec:
     return 2 * self.context_len + 1
 
 
-def per_label_init(std: float, fan_axis: int):
+def per_label_init(std: float, fan_axis: int, corrected: bool):
   """Truncated-normal init drawn one label at a time (label axis `fan_axis`).
 
   Args:
-    std: the target standard deviation (after truncation at +-2).
+    std: the scale.
     fan_axis: the label axis of the parameter.
+    corrected: if True, `std` is the standard deviation after truncation at
+      +-2 (as flax's LeCun normal); if False, it is the scale of the normal
+      before truncation, so values lie in [-2 std, 2 std].
   """
   def init(key, shape, dtype=jnp.float32):
     n = shape[fan_axis]
@@ -81,7 +84,7 @@ def per_label_init(std: float, fan_axis: int):
     def one(i):
       return jax.random.truncated_normal(jax.random.fold_in(key, i), -2.0, 2.0, rest, dtype)
     rows = jax.vmap(one)(jnp.arange(n, dtype=jnp.uint32))  # [n, *rest]
-    return jnp.moveaxis(rows, 0, fan_axis) * (std / _TRUNC_STD)
+    return jnp.moveaxis(rows, 0, fan_axis) * (std / _TRUNC_STD if corrected else std)
   return init
 
 
@@ -146,6 +149,10 @@ class Attention(nn.Module):
     t = x.shape[1]
     causal = np.tril(np.ones((t, t), bool))
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
+    if "temperature" in c:
+      # Per-head temperature [1, H, 1, 1] (1 unless clamped): a site only when
+      # clamped, so the unclamped program is unchanged; x / 1 is exact.
+      scores = scores / site("temperature", jnp.ones((1, h, 1, 1), scores.dtype))
     scores = site("scores", jnp.where(causal, scores, -jnp.inf))
     pattern = site("pattern", jax.nn.softmax(scores, axis=-1))
     z = site("z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
@@ -201,7 +208,7 @@ class Transformer(nn.Module):
     ex = nn.Dense(s.d_model, name="embed_x", kernel_init=nn.initializers.lecun_normal(),
                   bias_init=nn.initializers.zeros)(inputs)  # [B, C+1, d]
     lab = nn.Embed(s.num_labels, s.d_model, name="embed_y",
-                   embedding_init=per_label_init(0.02, 0))(labels[:, :-1])  # [B, C, d]
+                   embedding_init=per_label_init(0.02, 0, corrected=False))(labels[:, :-1])  # [B, C, d]
     pairs = jnp.stack([ex[:, :-1], lab], axis=2).reshape(b, 2 * (n - 1), s.d_model)
     tokens = jnp.concatenate([pairs, ex[:, -1:]], axis=1)  # [B, T, d]
     if s.pos_embedding == "sinusoidal":
@@ -217,7 +224,7 @@ class Transformer(nn.Module):
     final = nn.LayerNorm(name="ln_final")(resid) if s.layer_norm else resid
     acts["resid_final"] = final
     logits = nn.Dense(s.num_labels, name="unembed",
-                      kernel_init=per_label_init(1.0 / np.sqrt(s.d_model), 1),
+                      kernel_init=per_label_init(1.0 / np.sqrt(s.d_model), 1, corrected=True),
                       bias_init=nn.initializers.zeros)(final[:, 0::2])  # [B, C+1, L]
     logits = jnp.where(jnp.arange(s.num_labels) < num_labels, logits, -jnp.inf)
     logits = apply_clamp(logits, c.get("logits"))

@@ -253,7 +253,7 @@ class Progress:
       return
     self.last = now
     rate = (seqs - self.start_seqs) / max(now - self.t0, 1e-9)
-    eta = (self.total - seqs) / rate if rate > 0 else float("inf")
+    eta = max(self.total - seqs, 0) / rate if rate > 0 else float("inf")
     loss_s = f"  fsl_train loss {loss:.4f}" if loss is not None else ""
     eta_s = f"{eta:6.0f}s" if math.isfinite(eta) else "     ?"
     print(f"[icldyn]{self.label} {seqs:>10d}/{self.total} seqs  {rate:8.0f} seq/s/run  "

@@ -1,4 +1,4 @@
-"""Tests for icldyn.analysis.summary: across-seed summaries and bootstrap CIs."""
+"""Tests for icldyn.analysis.summary: across-seed means and bootstrap CIs."""
 
 import math
 

@@ -49,7 +49,15 @@ def test_threshold_interpolation_is_exact_on_piecewise_linear():
 def test_threshold_drops_nan_and_interpolates_across_the_gap():
   x = np.array([0.0, 10.0, 20.0])
   y = np.array([1.0, np.nan, 0.0])
-  assert timing.threshold_crossing(x, y, level=0.25).midpoint == pytest.approx(15.0)
+  t = timing.threshold_crossing(x, y, level=0.25)
+  assert t.midpoint == pytest.approx(15.0)
+
+
+def test_unsorted_and_repeated_steps_are_sorted_and_averaged():
+  x = np.array([20.0, 0.0, 10.0, 10.0])
+  y = np.array([0.2, 1.0, 0.7, 0.9])   # step 10 averages to 0.8
+  t = timing.threshold_crossing(x, y, level=0.5)
+  assert t.midpoint == pytest.approx(15.0, abs=1e-12)
 
 
 def test_threshold_never_crossed_and_already_below():

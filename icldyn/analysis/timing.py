@@ -18,7 +18,8 @@ observed, `crossed` is False and every time is NaN -- an estimator never
 invents a time.
 
 Every estimator drops evaluations whose `y` (or `x`) is not finite, and in
-log time those with `x <= 0`, before it does anything else.
+log time those with `x <= 0`, and averages repeated steps, before it does
+anything else.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _clean(x, y, log_time: bool = False) -> tuple[np.ndarray, np.ndarray]:
     log_time: also drop `x <= 0`, which has no logarithm.
 
   Returns:
-    `(x, y)`, both `[m]` float64 with `m <= n`, finite, ascending in `x`.
+    `(x, y)`, both `[m]` float64 with `m <= n`, finite, `x` strictly
+    ascending (values at a repeated step averaged).
   """
   x = np.asarray(x, dtype=np.float64).reshape(-1)
   y = np.asarray(y, dtype=np.float64).reshape(-1)
@@ -98,11 +100,12 @@ def _clean(x, y, log_time: bool = False) -> tuple[np.ndarray, np.ndarray]:
   keep = np.isfinite(x) & np.isfinite(y)
   if log_time:
     keep &= x > 0
-  x, y = x[keep], y[keep]
-  # Stable sort: callers pass sorted steps, but a merged metrics file need not
-  # be, and every estimator below relies on the order.
-  order = np.argsort(x, kind='stable')
-  return x[order], y[order]
+  # Sorted unique steps: callers pass sorted steps, but a merged metrics file
+  # need not be, and a step evaluated twice (e.g. after a resume) would leave
+  # slopes undefined; its values are averaged.
+  xu, inverse = np.unique(x[keep], return_inverse=True)
+  yu = np.bincount(inverse, weights=y[keep]) / np.bincount(inverse)
+  return xu, yu
 
 
 def threshold_crossing(
@@ -362,9 +365,6 @@ def steepest_descent(
   ys = np.convolve(y, np.ones(smooth) / smooth, mode='valid')
   half_w = smooth // 2
   ts = t[half_w:t.size - half_w]
-  if np.any(np.diff(ts) <= 0):
-    # Repeated steps leave the slope undefined; average them out upstream.
-    raise ValueError('steps must be strictly increasing')
   g = np.gradient(ys, ts)
   p = int(np.argmin(g))
   if p == 0 or p == g.size - 1 or not g[p] < 0:

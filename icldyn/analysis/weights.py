@@ -9,8 +9,9 @@ Conventions (docs/interfaces.md): a residual vector is a row `x [d]`; head
 `h` of a layer has `W_QK^h = w_q[:, h] @ w_k[:, h].T` (scores
 `x_i W_QK x_j^T`, query `i`, key `j`) and `W_OV^h = w_v[:, h] @ w_o[h]`
 (writes `x W_OV`). Every function takes one run's params (no run axis) and
-is written in `jax.numpy`, so callers `jax.vmap` it over runs; layer
-choices and shapes are static.
+is written in `jax.numpy` around a jitted core per layer (or layer pair),
+so callers can `jax.vmap` it over runs, and models of one shape share one
+compiled program whichever layers are asked for.
 
 LayerNorm (and RoPE, and positional embeddings) are ignored, as in Elhage
 et al. 2021: the scores describe the linear circuits that LayerNorm rescales,
@@ -59,9 +60,18 @@ def layer_indices(params: Params) -> list[int]:
 
 
 def _attn(params: Params, layer: int) -> Mapping[str, jax.Array]:
-  """The `attn` subtree of `layer` (negative counts from the last layer)."""
+  """The `attn` subtree of the `layer`-th attention layer (negative: from
+  the last)."""
   layers = layer_indices(params)
   return _unwrap(params)[f'layer_{layers[layer]}']['attn']
+
+
+@jax.jit
+def _qk_ov_attn(a: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """`qk_ov` of one `attn` subtree."""
+  w_qk = jnp.einsum('dhe,fhe->hdf', a['w_q'], a['w_k'], precision=_HI)
+  w_ov = jnp.einsum('dhe,hef->hdf', a['w_v'], a['w_o'], precision=_HI)
+  return w_qk, w_ov
 
 
 def qk_ov(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
@@ -75,25 +85,7 @@ def qk_ov(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
     `(W_QK [H, d, d], W_OV [H, d, d])` with
     `W_QK[h] = w_q[:, h] @ w_k[:, h].T` and `W_OV[h] = w_v[:, h] @ w_o[h]`.
   """
-  a = _attn(params, layer)
-  w_qk = jnp.einsum('dhe,fhe->hdf', a['w_q'], a['w_k'], precision=_HI)
-  w_ov = jnp.einsum('dhe,hef->hdf', a['w_v'], a['w_o'], precision=_HI)
-  return w_qk, w_ov
-
-
-def _sandwich_sq(xtx: jax.Array, g: jax.Array, yyt: jax.Array) -> jax.Array:
-  """`||X G Y||_F^2 = tr(G^T (X^T X) G (Y Y^T))` from the small Gram matrices.
-
-  Args:
-    xtx: `[..., a, a]` Gram matrix `X^T X` of `X [d, a]`.
-    g: `[..., a, b]`.
-    yyt: `[..., b, b]` Gram matrix `Y Y^T` of `Y [b, d]`.
-
-  Returns:
-    `[...]` squared Frobenius norms.
-  """
-  return jnp.einsum('...ab,...ac,...cd,...bd->...', g, xtx, g, yyt,
-                    precision=_HI)
+  return _qk_ov_attn(_attn(params, layer))
 
 
 def _factors(a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -173,45 +165,49 @@ def composition_baseline(d: int, dh_early: int, dh_late: int,
   return float(np.mean(np.concatenate(scores)))
 
 
+@jax.jit
+def _pair_raw(early: Mapping[str, jax.Array],
+              late: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Raw Q/K/V composition, `[H_late, H_early]` each; see the caller.
+
+  One compiled program per pair of layer shapes, shared by every layer pair
+  of a model and by the raw and baseline-subtracted scores.
+  """
+  fe, fl = _factors(early), _factors(late)
+  # All three products have the form X G Y with the earlier head's v_i as X
+  # (K transposed: ||W_QK^j (W_OV^i)^T|| = ||W_OV^i (W_QK^j)^T||):
+  #   K: W_OV^i (W_QK^j)^T = v_i (o_i k_j) q_j^T,  Y = q_j^T;
+  #   Q: W_OV^i W_QK^j     = v_i (o_i q_j) k_j^T,  Y = k_j^T;
+  #   V: W_OV^i W_OV^j     = v_i (o_i v_j) o_j,    Y = o_j;
+  # and ||X G Y||_F^2 = tr(G^T (X^T X) G (Y Y^T)) needs only [dh, dh]
+  # Gram matrices, never a [d, d] product.
+  reads = jnp.stack([fl['k'], fl['q'], fl['v']])          # [3, Hl, d, dl]
+  y_gram = jnp.stack([_gram_cols(fl['q']), _gram_cols(fl['k']),
+                      _gram_rows(fl['o'])])               # [3, Hl, dl, dl]
+  x_gram = _gram_cols(fe['v'])                            # [He, de, de]
+  g = jnp.einsum('iad,sjdb->sjiab', fe['o'], reads, precision=_HI)
+  # With both Gram matrices symmetric the trace is sum((X^T X G) * (G Y Y^T)).
+  xg = jnp.einsum('iac,sjicb->sjiab', x_gram, g, precision=_HI)
+  gy = jnp.einsum('sjiac,sjcb->sjiab', g, y_gram, precision=_HI)
+  sq = jnp.sum(xg * gy, axis=(-2, -1))                    # [3, Hl, He]
+  # Frobenius norms of the circuits themselves, the same way.
+  ov_e = jnp.einsum('hab,hba->h', x_gram, _gram_rows(fe['o']), precision=_HI)
+  qk_l = jnp.einsum('hab,hba->h', y_gram[0], y_gram[1], precision=_HI)
+  ov_l = jnp.einsum('hab,hba->h', _gram_cols(fl['v']), y_gram[2],
+                    precision=_HI)
+  norm_l = jnp.sqrt(jnp.stack([qk_l, qk_l, ov_l]))        # [3, Hl]
+  scores = jnp.sqrt(sq) / (norm_l[:, :, None] * jnp.sqrt(ov_e)[None, None])
+  return {'k': scores[0], 'q': scores[1], 'v': scores[2]}
+
+
 def _pair_scores(early: Mapping[str, jax.Array], late: Mapping[str, jax.Array],
                  subtract_baseline: bool) -> dict[str, jax.Array]:
-  """Q/K/V composition of every (late head, early head) pair; see caller."""
-  fe, fl = _factors(early), _factors(late)
-  # Gram matrices of the factors: everything below is [dh, dh]-sized.
-  qtq, ktk = _gram_cols(fl['q']), _gram_cols(fl['k'])     # [Hl, dl, dl]
-  vtv_l, oot_l = _gram_cols(fl['v']), _gram_rows(fl['o'])  # [Hl, dl, dl]
-  vtv_e, oot_e = _gram_cols(fe['v']), _gram_rows(fe['o'])  # [He, de, de]
-  qk_norm = jnp.sqrt(jnp.einsum('hab,hba->h', qtq, ktk, precision=_HI))
-  ov_l_norm = jnp.sqrt(jnp.einsum('hab,hba->h', vtv_l, oot_l, precision=_HI))
-  ov_e_norm = jnp.sqrt(jnp.einsum('hab,hba->h', vtv_e, oot_e, precision=_HI))
-
-  # Cross products between an early head i and a late head j, [Hl, He, ., .].
-  ok = jnp.einsum('iad,jdb->jiab', fe['o'], fl['k'], precision=_HI)  # o_i k_j
-  oq = jnp.einsum('iad,jdb->jiab', fe['o'], fl['q'], precision=_HI)  # o_i q_j
-  ov = jnp.einsum('iad,jdb->jiab', fe['o'], fl['v'], precision=_HI)  # o_i v_j
-  shape = ok.shape[:2]
-  late_b = lambda m: jnp.broadcast_to(m[:, None], shape + m.shape[1:])  # noqa: E731
-  early_b = lambda m: jnp.broadcast_to(m[None], shape + m.shape[1:])  # noqa: E731
-
-  # K: W_QK^j W_OV^i^T = q_j (o_i k_j)^T v_i^T.  X = q_j, G = (o_i k_j)^T.
-  k_sq = _sandwich_sq(late_b(qtq), jnp.swapaxes(ok, -1, -2), early_b(vtv_e))
-  # Q: W_OV^i W_QK^j = v_i (o_i q_j) k_j^T.  X = v_i, Y = k_j^T.
-  q_sq = _sandwich_sq(early_b(vtv_e), oq, late_b(ktk))
-  # V: W_OV^i W_OV^j = v_i (o_i v_j) o_j.  X = v_i, Y = o_j.
-  v_sq = _sandwich_sq(early_b(vtv_e), ov, late_b(oot_l))
-
-  denom_qk = qk_norm[:, None] * ov_e_norm[None, :]
-  denom_ov = ov_l_norm[:, None] * ov_e_norm[None, :]
-  scores = {
-      'q': jnp.sqrt(q_sq) / denom_qk,
-      'k': jnp.sqrt(k_sq) / denom_qk,
-      'v': jnp.sqrt(v_sq) / denom_ov,
-  }
+  """`_pair_raw`, less the random baseline of its shapes if asked."""
+  scores = _pair_raw(early, late)
   if subtract_baseline:
-    d, dh_e = early['w_v'].shape[0], early['w_v'].shape[2]
-    dh_l = late['w_v'].shape[2]
-    base = composition_baseline(int(d), int(dh_e), int(dh_l))
-    scores = {n: s - base for n, s in scores.items()}
+    d, _, dh_e = early['w_v'].shape
+    base = composition_baseline(int(d), int(dh_e), int(late['w_v'].shape[2]))
+    scores = {n: v - base for n, v in scores.items()}
   return scores
 
 
@@ -292,17 +288,24 @@ def k_composition_svd_shares(
     `[H_late, H_early, dh_early]` shares, components in order of decreasing
     singular value.
   """
-  early, late = _attn(params, layers[0]), _attn(params, layers[1])
+  return _svd_shares_attn(_attn(params, layers[0]), _attn(params, layers[1]))
+
+
+@jax.jit
+def _svd_shares_attn(early: Mapping[str, jax.Array],
+                     late: Mapping[str, jax.Array]) -> jax.Array:
+  """`k_composition_svd_shares` of one pair of `attn` subtrees."""
   dh_e = early['w_v'].shape[2]
-  _, w_ov = qk_ov(params, layers[0])                     # [He, d, d]
-  _, s, vh = jnp.linalg.svd(w_ov, full_matrices=False)   # s [He, d], vh [He, d, d]
-  s, out_dirs = s[:, :dh_e], vh[:, :dh_e, :]             # rows of vh are v_r
+  _, w_ov = _qk_ov_attn(early)                            # [He, d, d]
+  _, s, vh = jnp.linalg.svd(w_ov, full_matrices=False)  # s [He, d]
+  s, out_dirs = s[:, :dh_e], vh[:, :dh_e, :]            # rows of vh: v_r
   fl = _factors(late)
-  # W_QK^j v_r = q_j (k_j^T v_r);  ||.||^2 = (k_j^T v_r)^T (q_j^T q_j) (k_j^T v_r).
+  # W_QK^j v_r = q_j (k_j^T v_r), so
+  # ||W_QK^j v_r||^2 = (k_j^T v_r)^T (q_j^T q_j) (k_j^T v_r).
   kv = jnp.einsum('jda,ird->jira', fl['k'], out_dirs, precision=_HI)
   read = jnp.einsum('jira,jab,jirb->jir', kv, _gram_cols(fl['q']), kv,
                     precision=_HI)
-  contrib = (s ** 2)[None] * read                         # [Hl, He, dh_e]
+  contrib = (s ** 2)[None] * read                        # [Hl, He, dh_e]
   return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
 
 
@@ -333,9 +336,16 @@ def ov_copying_score(params: Params, layer: int = -1,
     `[H]` scores; NaN for a head whose `M_h` is zero.
   """
   p = _unwrap(params)
-  a = _attn(params, layer)
-  emb = p['embed_y']['embedding'][:num_labels]          # [L, d]
-  w_u = p['unembed']['kernel'][:, :num_labels]          # [d, L]
+  return _copying_attn(_attn(params, layer), p['embed_y']['embedding'],
+                       p['unembed']['kernel'], num_labels)
+
+
+@functools.partial(jax.jit, static_argnames='num_labels')
+def _copying_attn(a: Mapping[str, jax.Array], emb: jax.Array, w_u: jax.Array,
+                  num_labels: int | None) -> jax.Array:
+  """`ov_copying_score` of one `attn` subtree, `emb [L, d]`, `w_u [d, L]`."""
+  emb = emb[:num_labels]                                           # [L, d]
+  w_u = w_u[:, :num_labels]                                        # [d, L]
   left = jnp.einsum('ld,dhe->hle', emb, a['w_v'], precision=_HI)   # [H, L, dh]
   right = jnp.einsum('hed,dl->hel', a['w_o'], w_u, precision=_HI)  # [H, dh, L]
   n_labels, dh = left.shape[1], left.shape[2]

@@ -1,0 +1,51 @@
+"""Shared test set-up: a tiny config, a persistent compilation cache, subprocess helpers.
+
+Compiling is the slow part of these tests on a 2-core CPU, so programs are
+kept tiny and JAX's persistent compilation cache is shared across the session
+(and across sessions, under .jax_cache/, which git ignores).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(**overrides):
+  """A small but complete config (seconds to train); overrides as dotted kwargs."""
+  from icldyn.config import base_config, set_field
+  c = base_config()
+  values = {
+      "model.d_model": 16, "model.num_heads": 2, "data.dim": 16,
+      "data.num_train_classes": 12, "data.num_test_classes": 6, "data.num_labels": 5,
+      "train.num_sequences": 640, "train.batch_size": 16, "train.learning_rate": 1e-3,
+      "train.eval_every": 160, "eval.size": 32, "eval.batch": 32,
+      "checkpoint.every": 320, "checkpoint.resume_every": 320,
+  }
+  values.update({k.replace("__", "."): v for k, v in overrides.items()})
+  for k, v in values.items():
+    set_field(c, k, v)
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600) -> str:
+  """Runs Python code in a subprocess with `devices` fake CPU devices; returns stdout."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+  if out.returncode != 0:
+    raise AssertionError(f"subprocess failed ({out.returncode}):\n{out.stderr[-3000:]}")
+  return out.stdout
