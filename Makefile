@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 PAPERDIR ?= runs/paper
 JAX_EXTRA ?=
 
-.PHONY: venv demo test test-slow bench paper paper-smoke clean
+.PHONY: venv demo test test-slow bench paper paper-cpu paper-smoke clean
 
 # The stamp depends on setup.cfg, so `make test` re-installs when dependencies change.
 $(VENV)/.installed: setup.cfg setup.py
@@ -33,6 +33,9 @@ bench: venv
 
 paper: venv
 	$(PY) -m icldyn paper --outdir $(PAPERDIR)
+
+paper-cpu: venv
+	$(PY) -m icldyn paper --outdir $(PAPERDIR)-cpu --variant cpu
 
 paper-smoke: venv
 	$(PY) -m icldyn paper --outdir $(PAPERDIR)-smoke --smoke

@@ -9,7 +9,9 @@ lr 1e-5, batch 32; 50 training classes with 1 exemplar each (4 held out), 100
 held-out classes; 2 exemplar-label pairs + query (query class once, one
 distractor); each sequence relabelled to 2 of 5 labels with the 10 label pairs
 split 8 / 2; 1e6 sequences; four evaluators of 1000 sequences every 5000.
-Variants: '' (one seed), 'seeds' (5 init seeds in one grid), 'smoke'.
+Variants: '' (one seed), 'seeds' (5 init seeds in one grid), 'cpu' (4 seeds, lr 5e-5,
+2e5 sequences: the phase change within a CPU budget), 'smoke'.
+Evaluated also under the named clamps keep_head_h and ablate_head_1_h (Fig. 4a).
 On Gaussian class data by default (Omniglot features cannot be downloaded here);
 use --config.data.source=file --config.data.path=FEATURES.h5 for real features.
 
@@ -24,8 +26,17 @@ from icldyn.config import base_config
 def get_config(arg: str = ""):
   c = base_config()
   with c.unlocked():
+    # Fig. 4a: accuracy with only head h of layer 2 kept, and with each single head ablated.
+    c.eval.clamps = ",".join([f"keep_head_{h}" for h in range(8)] +
+                             [f"ablate_head_1_{h}" for h in range(8)])
     if arg == "seeds":
       c.grid = ("seeds.init=0,1,2,3,4",)
+    elif arg == "cpu":
+      c.train.learning_rate = 5e-5
+      c.train.num_sequences = 200_000
+      c.eval.size = 500
+      c.checkpoint.every = 10_000
+      c.grid = ("seeds.init=0,1,2,3",)
     elif arg == "smoke":
       c.train.num_sequences = 3200
       c.train.eval_every = 1600
@@ -33,6 +44,7 @@ def get_config(arg: str = ""):
       c.eval.batch = 64
       c.checkpoint.every = 1600
       c.checkpoint.resume_every = 1600
+      c.eval.clamps = "keep_head_0,ablate_head_1_0"
     elif arg:
-      raise ValueError(f"unknown variant {arg!r} (use '', 'seeds' or 'smoke')")
+      raise ValueError(f"unknown variant {arg!r} (use '', 'seeds', 'cpu' or 'smoke')")
   return c

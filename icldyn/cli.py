@@ -6,6 +6,7 @@
     icldyn plot    --workdir DIR [--pdf]
     icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
     icldyn toy     --config experiments/toy.py[:smoke] --workdir DIR
+    icldyn paper   --outdir DIR [--variant cpu|smoke]   every study + analysis + plots
 
 Bad input ends with one line `icldyn: error: FIELD: message` and exit code 2,
 before anything is written.
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="train, analyse and plot the default demo")
   d.add_argument("--workdir", default="runs/demo")
   d.add_argument("--quiet", action="store_true")
+
+  pp = sub.add_parser("paper", help="every study of the paper, with analysis and plots")
+  pp.add_argument("--outdir", default="runs/paper")
+  pp.add_argument("--variant", default="", choices=["", "cpu", "smoke"])
+  pp.add_argument("--smoke", action="store_true", help="same as --variant smoke")
+  pp.add_argument("--quiet", action="store_true")
 
   ty = sub.add_parser("toy", help="the toy model of phase changes (Singh et al. 2024, Fig. 5a)")
   ty.add_argument("--config", default="experiments/toy.py")
@@ -188,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_demo(args)
     if args.command == "toy":
       return cmd_toy(args)
+    if args.command == "paper":
+      from icldyn import paper
+      times = paper.run_paper(args.outdir, "smoke" if args.smoke else args.variant, args.quiet)
+      for study, sec in times.items():
+        print(f"icldyn paper: {study:>16} {sec:7.0f}s -> {os.path.join(args.outdir, study)}",
+              file=sys.stderr)
+      return 0
   except ConfigError as e:
     print(f"icldyn: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT

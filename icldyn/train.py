@@ -54,6 +54,7 @@ class Static:
   scan_steps: int
   plan: Any = None  # clamp plan used in training (icldyn.clamps), or None
   eval_plans: tuple[tuple[str, Any], ...] = ()  # named clamps for evaluation
+  clamp_evaluators: tuple[str, ...] = ("fsl_train",)  # evaluators also run under eval_plans
 
 
 class Props(NamedTuple):
@@ -166,7 +167,8 @@ def evaluate_run(static: Static, table: data_lib.Table, params, props: Props) ->
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(props.eval_seed),
                                                 _EVAL_STREAM),
                              config_lib.EVALUATORS.index(name))
-    for plan_name, plan in ((None, static.plan),) + static.eval_plans:
+    extra = static.eval_plans if name in static.clamp_evaluators else ()
+    for plan_name, plan in ((None, static.plan),) + extra:
       def chunk(c, plan=plan):
         batch = data_lib.sample_batch(key, table, props.data, spec, static.eval_batch,
                                       c * static.eval_batch)
@@ -276,7 +278,9 @@ def build_static(cfg, plan=None, eval_plans=()) -> Static:
   return Static(model=spec, train_seq=data_lib.seq_spec(cfg, "train", d.num_train_classes, noise),
                 evals=evals, batch_size=t.batch_size, eval_size=cfg.eval.size,
                 eval_batch=min(cfg.eval.batch, cfg.eval.size), optimizer=t.optimizer,
-                b1=t.b1, b2=t.b2, eps=t.eps, scan_steps=scan, plan=plan, eval_plans=tuple(eval_plans))
+                b1=t.b1, b2=t.b2, eps=t.eps, scan_steps=scan, plan=plan, eval_plans=tuple(eval_plans),
+                clamp_evaluators=tuple(n.strip() for n in cfg.eval.clamp_evaluators.split(",")
+                                       if n.strip()))
 
 
 def build_props(settings: list[dict], cfg, clamp_params=None) -> Props:

@@ -1,0 +1,35 @@
+"""Shared variants of the paper studies (not a study itself).
+
+`paper`: the paper's settings (Adam, lr 1e-5, 1e6 sequences). `cpu`: the same
+model and task with lr 5e-5 and 2e5 sequences, where the phase change happens
+within a CPU budget (see experiments/demo.py). `smoke`: seconds.
+"""
+
+from icldyn.config import base_config
+
+
+def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = ""):
+  """The base config of a study for a variant ('', 'cpu', 'smoke')."""
+  c = base_config()
+  with c.unlocked():
+    c.eval.clamps = eval_clamps
+    if variant == "":
+      c.grid = grid + (f"seeds.init={','.join(map(str, range(seeds)))}",)
+    elif variant == "cpu":
+      c.train.learning_rate = 5e-5
+      c.train.num_sequences = 200_000
+      c.eval.size = 500
+      c.checkpoint.every = 10_000
+      c.checkpoint.resume_every = 50_000
+      c.grid = grid + (f"seeds.init={','.join(map(str, range(min(seeds, 2))))}",)
+    elif variant == "smoke":
+      c.train.num_sequences = 1600
+      c.train.eval_every = 800
+      c.eval.size = 32
+      c.eval.batch = 32
+      c.checkpoint.every = 800
+      c.checkpoint.resume_every = 800
+      c.grid = grid
+    else:
+      raise ValueError(f"unknown variant {variant!r} (use '', 'cpu' or 'smoke')")
+  return c

@@ -1,0 +1,34 @@
+"""Data dependence of the sub-circuits (Singh et al. 2024, Fig. 6).
+
+Command:
+    icldyn train --config experiments/data_dependence.py[:cpu|:smoke] --workdir runs/data_dependence
+
+What it runs: number of training classes 50/100/200 and number of labels
+5/10/15, each unclamped (`none`), with only the match sub-circuit learning
+(`layer1_copy`: layer 1 and copy clamped) and with only the copy sub-circuit
+learning (`match`: match clamped), one active layer-2 head. Runs with different
+class or label counts share one program (padded). Paper variant: 3 x 3 x 3 x 2
+seeds = 54 runs, 1e6 sequences; `cpu`: classes x labels x conditions with one
+seed at lr 5e-5, 2e5 sequences; `smoke`: seconds.
+
+What the paper found: more classes delay the copy sub-circuit's formation,
+more labels delay the match sub-circuit's; the unclamped transition follows
+the slower of the two.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import study_config  # noqa: E402
+
+
+def get_config(arg: str = ""):
+  if arg == "smoke":
+    c = study_config(arg, ("data.num_train_classes=20,40", "data.num_labels=5,10",
+                           "clamp.keep_head=0", "clamp.condition=none,match"), 1)
+  else:
+    c = study_config(arg, ("data.num_train_classes=50,100,200", "data.num_labels=5,10,15",
+                           "clamp.keep_head=0", "clamp.condition=none,layer1_copy,match"),
+                     2 if arg == "" else 1)
+  return c

@@ -1,0 +1,162 @@
+"""Benchmarks (`make bench`): grid throughput, compile time, peak memory, analysis speed.
+
+Each grid size runs in its own process so that its peak memory (max RSS) is
+its own. Figures printed, never asserted: speed targets live here, not in
+unit tests.
+
+    python -m icldyn.bench                 # the table
+    python -m icldyn.bench --sizes 1,8,64 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _paper_config(n_runs: int, batch: int):
+  from icldyn.config import base_config
+  c = base_config()
+  with c.unlocked():
+    c.train.batch_size = batch
+    c.grid = (f"seeds.init={','.join(map(str, range(n_runs)))}",)
+  return c
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+  """Measured float32 matrix-multiply throughput of this machine (GFLOP/s)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    a = f(a) * (1.0 / n)
+  a.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def bench_one(n_runs: int, steps: int, batch: int) -> dict:
+  """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
+  import jax
+  from icldyn import runner, sharding as sharding_lib, train as train_lib
+  cfg = _paper_config(n_runs, batch)
+  with cfg.unlocked():
+    cfg.train.scan_steps = 100
+  pg = runner.prepare(cfg).groups[0]
+  mesh = sharding_lib.run_mesh()
+  rp = sharding_lib.padded_count(n_runs, mesh)
+  props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)
+  table = sharding_lib.replicate(pg.table, mesh)
+  init, chunk, evaluate = train_lib.make_programs(pg.static, mesh)
+  t0 = time.perf_counter()
+  state = runner._compile(init, props, opt_level=0)(props)
+  chunk_c = runner._compile(chunk, state, props, table, 0, 1)
+  eval_c = runner._compile(evaluate, state, props, table)
+  compile_s = time.perf_counter() - t0
+  cost = chunk_c.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost.get("flops", 0.0)) / pg.static.scan_steps
+  state, out = chunk_c(state, props, table, 0, 100)  # warm-up
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  done = 0
+  while done < steps:
+    state, out = chunk_c(state, props, table, 100 + done, 100)
+    done += 100
+  jax.block_until_ready(out)
+  train_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(eval_c(state, props, table))
+  eval_s = time.perf_counter() - t0
+  # Aggregate rate including one evaluation of 4 x 1000 sequences every 5000 sequences.
+  eval_per_step = eval_s * batch / 5000
+  return {
+      "runs": n_runs, "compile_s": compile_s,
+      "run_steps_per_s": n_runs * done / train_s,
+      "run_steps_per_s_with_eval": n_runs * done / (train_s + eval_per_step * done),
+      "gflops_per_s": flops_per_step * done / train_s / 1e9,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+
+
+def bench_loop(steps: int, batch: int) -> float:
+  """One run, one jitted step per Python iteration (the icl-dynamics way): steps/s."""
+  import jax
+  from icldyn import runner, train as train_lib
+  pg = runner.prepare(_paper_config(1, batch)).groups[0]
+  props = jax.tree.map(lambda x: jax.numpy.asarray(x[0]), pg.props)
+  table = jax.tree.map(jax.numpy.asarray, pg.table)
+  step = jax.jit(lambda st, t: train_lib.train_step(pg.static, table, st, props, t)[0])
+  state = jax.jit(lambda: train_lib.init_state(pg.static, props))()
+  state = step(state, 0)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for t in range(1, steps + 1):
+    state = step(state, t)
+  jax.block_until_ready(state)
+  return steps / (time.perf_counter() - t0)
+
+
+def _child(args) -> None:
+  if args.one == 0:
+    out = {"loop_steps_per_s": bench_loop(args.steps, args.batch),
+           "matmul_gflops": matmul_gflops()}
+  else:
+    out = bench_one(args.one, args.steps, args.batch)
+  print("BENCH " + json.dumps(out))
+
+
+def _run_child(flag: list[str]) -> dict:
+  proc = subprocess.run([sys.executable, "-m", "icldyn.bench"] + flag, capture_output=True,
+                        text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith("BENCH "):
+      return json.loads(line[6:])
+  raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-2000:]}")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--sizes", default="1,8,64")
+  p.add_argument("--steps", type=int, default=300, help="timed steps per grid size")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--skip-analysis", action="store_true")
+  args = p.parse_args(argv)
+  if args.one is not None:
+    _child(args)
+    return
+  print(f"icldyn bench: paper model (2 layers, 8 heads, d_model 64, 512-dim inputs, context 2), "
+        f"batch {args.batch}, {os.cpu_count()} CPU cores", flush=True)
+  base = _run_child(["--one", "0", "--steps", str(args.steps), "--batch", str(args.batch)])
+  loop, peak = base["loop_steps_per_s"], base["matmul_gflops"]
+  print(f"one run, one jitted step per Python iteration: {loop:.0f} steps/s; "
+        f"float32 matmul: {peak:.1f} GFLOP/s", flush=True)
+  head = (f"{'runs':>5} {'run-steps/s':>12} {'w/ eval':>9} {'x loop':>7} {'GFLOP/s':>8} "
+          f"{'% matmul':>9} {'compile s':>10} {'peak MB':>8}")
+  print(head)
+  print("-" * len(head))
+  for n in [int(s) for s in args.sizes.split(",")]:
+    r = _run_child(["--one", str(n), "--steps", str(args.steps), "--batch", str(args.batch)])
+    print(f"{n:>5} {r['run_steps_per_s']:>12.0f} {r['run_steps_per_s_with_eval']:>9.0f} "
+          f"{r['run_steps_per_s'] / loop:>7.1f} {r['gflops_per_s']:>8.1f} "
+          f"{100 * r['gflops_per_s'] / peak:>8.1f}% {r['compile_s']:>10.1f} "
+          f"{r['peak_rss_mb']:>8.0f}", flush=True)
+  if not args.skip_analysis:
+    try:
+      from icldyn import bench_analysis
+    except ImportError:
+      print("analysis benchmark: not available")
+    else:
+      bench_analysis.main()
+
+
+if __name__ == "__main__":
+  main()
