@@ -94,8 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.evaluators = ",".join(EVALUATORS)
   c.eval.size = 1000  # sequences per evaluator
-  c.eval.batch = 250  # sequences per evaluation micro-batch (memory only; results do not depend on it)
+  c.eval.batch = 250  # sequences per evaluation micro-batch (memory; results agree to float rounding)
   c.eval.clamps = ""  # comma-separated named clamps to evaluate under: keep_head_3,ablate_layer_0 (icldyn.clamps.named_plan)
+  c.eval.clamp_evaluators = "fsl_train"  # evaluators that are also run under eval.clamps
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50_000  # sequences; 0 = off
