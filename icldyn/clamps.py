@@ -128,9 +128,6 @@ def conflicts(*trees: dict) -> list[str]:
 # heads); `claims` says which entries it owns (for conflicts); `slots` are the
 # static sites it needs; `fill` writes its per-run arrays.
 
-_FAMILIES = ("attention", "value", "temperature", "resid", "logits")
-
-
 def _empty_claims(spec) -> dict[str, np.ndarray]:
   """Claim arrays: attention [L, H, T, T], value/temperature [L, H], resid [L], logits [1]."""
   l, h, t = spec.num_layers, spec.num_heads, spec.seq_len
@@ -184,6 +181,12 @@ def _strs(name, v):
   return tuple(dict.fromkeys(v))
 
 
+def _str(name, v):
+  if not isinstance(v, str) or not v:
+    raise ValueError(f"{name} must be a name, got {v!r}")
+  return v
+
+
 def _str_or_none(name, v):
   if v is not None and not isinstance(v, str):
     raise ValueError(f"{name} must be a string, got {v!r}")
@@ -192,8 +195,7 @@ def _str_or_none(name, v):
 
 _NORMALISE = {"layer": _int, "head": _int, "run": _int, "step": _int, "heads": _ints,
               "layers": _ints, "strength": _unit, "temperature": _float,
-              "only_labels": _bool, "site": lambda n, v: _strs(n, v)[0] if v else v,
-              "what": _strs, "workdir": _str_or_none}
+              "only_labels": _bool, "site": _str, "what": _strs, "workdir": _str_or_none}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -710,9 +712,15 @@ def _label_rows(spec) -> np.ndarray:
   return np.arange(spec.seq_len) % 2 == 1
 
 
-def _check_param_shapes(params, spec) -> None:
+@functools.lru_cache(maxsize=8)
+def _param_shapes(spec):
+  """The parameter tree of a model as ShapeDtypeStructs (traced, not compiled)."""
   from icldyn import model as model_lib
-  want = jax.eval_shape(lambda: model_lib.init_params(spec, 0))
+  return jax.eval_shape(lambda: model_lib.init_params(spec, 0))
+
+
+def _check_param_shapes(params, spec) -> None:
+  want = _param_shapes(spec)
   try:
     fits = jax.tree.map(lambda w, g: tuple(w.shape) == tuple(np.shape(g)), want, params)
   except (ValueError, TypeError):
@@ -1037,10 +1045,8 @@ class _GraftInSlot(_Slot):
     return f"graft_in/{self.layer}"
 
   def empty(self, spec):
-    from icldyn import model as model_lib
-    shapes = jax.eval_shape(lambda: model_lib.init_params(spec, 0))
     return {"active": np.zeros((), bool),
-            "params": jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)}
+            "params": jax.tree.map(lambda s: np.zeros(s.shape, np.float32), _param_shapes(spec))}
 
   def tree(self, ctx, p):
     _, acts = ctx.run(None, params=p["params"])

@@ -176,6 +176,21 @@ def cmd_toy(args) -> int:
   return 0
 
 
+def _enable_compilation_cache() -> None:
+  """Caches compiled programs on disk: a resumed or repeated grid skips compiling.
+
+  Location: $ICLDYN_COMPILATION_CACHE, default ~/.cache/icldyn/xla; set it to
+  an empty string to disable.
+  """
+  path = os.environ.get("ICLDYN_COMPILATION_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "icldyn", "xla"))
+  if not path:
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the `icldyn` console script."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -183,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     _setup_logging(getattr(args, "quiet", False))
+    if args.command in ("train", "demo", "paper", "analyze"):
+      _enable_compilation_cache()
     if overrides and args.command != "train":
       raise ConfigError(overrides[0].split("=")[0], "--config.FIELD overrides apply to train only")
     if args.command == "train":

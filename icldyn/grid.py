@@ -26,7 +26,7 @@ PER_RUN_FIELDS = (
     "train.learning_rate", "train.weight_decay",
     "data.num_train_classes", "data.num_labels", "data.burstiness",
     "data.zipf_alpha", "data.noise", "data.label_holdout",
-    "clamp.keep_head", "clamp.condition", "clamp.strength",
+    "clamp.keep_head", "clamp.condition", "clamp.strength", "clamps",
 )
 
 
