@@ -8,11 +8,14 @@ conditions `clamp.condition=none,prev_token,layer1,match,copy,layer1_copy`
 (see docs/clamps.md for each), in one grid. Paper variant: 6 conditions x 3
 seeds, 1e6 sequences; `cpu`: 6 x 2 at lr 5e-5, 2e5 sequences; `smoke`: seconds.
 
-What the paper found: clamping the previous-token sub-circuit or the whole
-layer 1 barely moves the transition; clamping the copy sub-circuit (so only
-match must be learned) or the match sub-circuit (so only copy must be learned)
-shifts it, and with layer 1 + copy clamped the transition is earliest: the
-phase change is set by the interaction of the sub-circuits.
+What the paper found: the induction-head phase change comes from three
+interacting sub-circuits (previous-token in layer 1; match, i.e. the layer-2
+QK path; copy, i.e. the layer-2 OV path); clamping sub-circuits to their ideal
+form makes the transition earlier, and the more is clamped the smoother and
+earlier it gets, consistent with the toy model of multiplicative interaction.
+Measured here (cpu variant, Gaussian data, 2 seeds, threshold 0.4 ln 2 on
+fsl_train loss): layer1_copy ~5e3 < match ~9.5e3 < layer1 ~1.3e4 < copy ~2.4e4
+< prev_token ~8.7e4 < none ~1.5e5 sequences.
 """
 
 import os

@@ -4,19 +4,169 @@ Layout (docs/interfaces.md): `DIR/checkpoints/g{group}/stream/{step}` holds
 the parameters of every run of a group stacked on a leading run axis, on the
 schedule of `checkpoint.every`, `checkpoint.steps` and `checkpoint.log_num`;
 `DIR/checkpoints/g{group}/resume/{step}` holds the full train state (the two
-newest are kept). `step` is training sequences seen. Orbax writes each step
-to a temporary directory and renames it when complete, so a half-written
-checkpoint is never listed.
+newest are kept). `step` is training sequences seen. Each step directory
+also holds `icldyn_manifest.json`.
+
+Crash safety. Orbax writes each step to a temporary directory and renames it
+when complete, so a half-written checkpoint is never listed; temporary
+directories a killed process left are removed when a writing `Store` opens.
+Then icldyn seals the step with `icldyn_manifest.json` (size and SHA-256 of
+every file), written atomically. A checkpoint is only read after its files
+are checked against the manifest, so a damaged one (a truncated, missing or
+altered file) or raises `CheckpointDamaged` naming its step, path and file, before orbax reads a
+byte; `Store.restore_latest_state` moves such resume states to `damaged/`
+and falls back to the newest intact one. A step without a manifest (killed
+between orbax's rename, which makes it complete, and the seal; or written
+by an older icldyn or another tool) is read unchecked, and a resume state
+then sealed; if it cannot be read it counts as damaged. Old checkpoints are removed by
+renaming them into `trash/` first, so a removal cut short never leaves a
+half-deleted step that looks finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
+import sys
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from icldyn import faults
+from icldyn import workdir as wd_lib
+
+MANIFEST = "icldyn_manifest.json"
+
+
+class CheckpointDamaged(Exception):
+  """A checkpoint that cannot be read back intact."""
+
+  def __init__(self, kind: str, step: int, path: str, reason: str):
+    super().__init__(f"the {kind} checkpoint at step {step} ({path}) is damaged: {reason}")
+    self.kind, self.step, self.path, self.reason = kind, step, path, reason
+
+
+class CheckpointMismatch(Exception):
+  """An intact resume state that does not fit the train state being restored."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
+def _reason(e: BaseException) -> str:
+  """An orbax/tensorstore error in a few words: its OS error if it has one, else its first line."""
+  x = e
+  while x is not None:
+    code = x.errno if isinstance(x, OSError) else None
+    m = re.search(r"os_error_code='(\d+)'", str(x))
+    code = code or (int(m.group(1)) if m else None)
+    if code:
+      return f"[Errno {code}] {os.strerror(code)}"
+    x = x.__cause__ or x.__context__
+  text = str(e).strip().split("\n")[0].split(" [tensorstore_spec")[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def _ignore_closed_loop(hook):
+  """Wraps sys.unraisablehook to drop one known-harmless orbax/tensorstore complaint.
+
+  After a failed save or restore, tensorstore completes its remaining futures
+  on the event loop orbax has already closed; each prints "RuntimeError: Event
+  loop is closed" (nothing is lost: the operation has failed and is reported).
+  """
+  def filtered(unraisable):
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+      return
+    hook(unraisable)
+  filtered.icldyn = True
+  return filtered
+
+
+if not getattr(sys.unraisablehook, "icldyn", False):
+  sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def _orbax_errors_quiet():
+  """Orbax logs each failed write with a traceback; icldyn reports it once, in one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _path_name(path) -> str:
+  """A pytree key path as 'a/b/0', the same for a NamedTuple and the dict orbax restores."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _leaves_by_path(tree) -> dict[str, np.ndarray]:
+  return {_path_name(p): np.asarray(leaf)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+  return sorted(f for f in out if f != MANIFEST and wd_lib.TMP_MARK not in f)
+
+
+def seal(step_dir: str) -> None:
+  """Writes the manifest of a finished checkpoint directory (atomically)."""
+  files = {f: [os.path.getsize(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))]
+           for f in _files(step_dir)}
+  wd_lib.write_json(os.path.join(step_dir, MANIFEST), {"files": files})
+
+
+def check(step_dir: str) -> str | None:
+  """Why a checkpoint directory is not intact (None if it matches its manifest).
+
+  Raises:
+    FileNotFoundError: it has no manifest.
+  """
+  with open(os.path.join(step_dir, MANIFEST)) as f:
+    try:
+      files = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError) as e:
+      return f"unreadable {MANIFEST} ({e})"
+  for name, (size, sha) in sorted(files.items()):
+    p = os.path.join(step_dir, name)
+    if not os.path.isfile(p):
+      return f"{name} is missing"
+    if os.path.getsize(p) != size:
+      return f"{name} has {os.path.getsize(p)} bytes, its manifest says {size}"
+    if _sha256(p) != sha:
+      return f"{name} does not match its SHA-256"
+  return None
 
 
 def schedule(num_sequences: int, every: int, explicit: list[int], log_num: int,
@@ -38,49 +188,210 @@ def schedule(num_sequences: int, every: int, explicit: list[int], log_num: int,
   return sorted(steps)
 
 
+def _faulty_tmp_path_class():
+  """An orbax temporary path that passes the `in_checkpoint` fault hook before its rename."""
+  from orbax.checkpoint._src.path import atomicity  # only under ICLDYN_FAULT
+
+  class FaultyTemporaryPath(atomicity.AtomicRenameTemporaryPath):
+    async def finalize(self, *args, **kwargs):
+      if self.get_final().name.isdigit():  # the step directory (not an item inside it)
+        faults.hit("in_checkpoint")
+      return await super().finalize(*args, **kwargs)
+
+  return FaultyTemporaryPath
+
+
 class Store:
   """The checkpoints of one group: a params stream and resume states."""
 
+  KEEP_RESUME = 2
+
   def __init__(self, workdir: str, group: int, read_only: bool = False):
-    base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}")
+    self.base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}")
+    self.read_only = read_only
     opts = dict(enable_async_checkpointing=False, create=not read_only, read_only=read_only,
                 cleanup_tmp_directories=not read_only)
-    self.stream = ocp.CheckpointManager(
-        os.path.join(base, "stream"), options=ocp.CheckpointManagerOptions(**opts))
-    self.resume = ocp.CheckpointManager(
-        os.path.join(base, "resume"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, **opts))
+    if not read_only:
+      self._empty_trash()
+      if faults.active("in_checkpoint"):
+        opts["temporary_path_class"] = _faulty_tmp_path_class()
+    self._opts = opts
+    self.stream = self._manager("stream")
+    self.resume = self._manager("resume")
+
+  def _manager(self, kind: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.join(self.base, kind),
+                                 options=ocp.CheckpointManagerOptions(**self._opts))
+
+  def _reopen(self, kind: str) -> None:
+    """A fresh manager: a failed restore can leave orbax's guess of the item layout wrong."""
+    getattr(self, kind).close()
+    setattr(self, kind, self._manager(kind))
+
+  # -- paths and housekeeping
+
+  def path(self, kind: str, step: int) -> str:
+    """The directory of a `kind` ('stream' or 'resume') checkpoint."""
+    return os.path.join(self.base, kind, str(step))
+
+  def _steps(self, kind: str) -> list[int]:
+    """Step directories of `kind`, sealed or not (orbax lists only those it can parse)."""
+    d = os.path.join(self.base, kind)
+    names = os.listdir(d) if os.path.isdir(d) else []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+  def _empty_trash(self) -> None:
+    shutil.rmtree(os.path.join(self.base, "trash"), ignore_errors=True)
+
+  def _discard(self, kind: str, step: int, into: str = "trash") -> str:
+    """Moves a step out of its manager's directory (atomically), then reloads the manager."""
+    dest_dir = os.path.join(self.base, into)
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, f"{kind}_{step}")
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    os.replace(self.path(kind, step), dest)
+    getattr(self, kind).reload()
+    return dest
+
+  def _verify(self, kind: str, step: int) -> bool:
+    """Checks a step against its manifest: True if sealed and intact, False if unsealed.
+
+    Raises:
+      CheckpointDamaged: absent, or a file differs from the manifest.
+    """
+    path = self.path(kind, step)
+    if not os.path.isdir(path):
+      raise CheckpointDamaged(kind, step, path, "it does not exist")
+    try:
+      why = check(path)
+    except FileNotFoundError:
+      return False  # written by an older icldyn or another tool, or killed before its seal
+    if why:
+      raise CheckpointDamaged(kind, step, path, why)
+    return True
+
+  # -- writing
+
+  def _save(self, kind: str, step: int, tree: Any) -> None:
+    manager = getattr(self, kind)
+    if os.path.isdir(self.path(kind, step)):
+      if os.path.exists(os.path.join(self.path(kind, step), MANIFEST)):
+        return  # saved (and sealed) before
+      self._discard(kind, step)  # unsealed: redo
+    try:
+      with _orbax_errors_quiet():
+        manager.save(step, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+      faults.hit("before_manifest")
+      seal(self.path(kind, step))
+    except Exception as e:  # ENOSPC, EACCES, ... surface as assorted orbax/tensorstore errors
+      raise CheckpointWriteError(
+          f"cannot write the {kind} checkpoint at step {step} ({self.path(kind, step)}): "
+          f"{_reason(e)}") from e
+    faults.hit("after_checkpoint")
 
   def save_params(self, step: int, params: Any) -> None:
     """Saves stacked params [R, ...] at `step` sequences (numpy on host)."""
-    if step in self.stream.all_steps():
-      return
-    self.stream.save(step, args=ocp.args.StandardSave(jax.device_get(params)))
-    self.stream.wait_until_finished()
+    self._save("stream", step, jax.device_get(params))
 
   def save_state(self, step: int, state: Any) -> None:
-    """Saves a resume state at `step` sequences."""
-    if step in self.resume.all_steps():
-      return
-    self.resume.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
-    self.resume.wait_until_finished()
+    """Saves a resume state at `step` sequences; keeps the two newest."""
+    self._save("resume", step, jax.device_get(state))
+    for old in self._steps("resume")[:-self.KEEP_RESUME]:
+      self._discard("resume", old)
+    self._empty_trash()
+
+  def drop_stream_after(self, step: int) -> list[int]:
+    """Removes stream checkpoints past `step` (a resume rewrites them); returns their steps."""
+    dropped = [s for s in self._steps("stream") if s > step]
+    for s in dropped:
+      self._discard("stream", s)
+    self._empty_trash()
+    return dropped
+
+  # -- reading
 
   def resume_steps(self) -> list[int]:
-    self.resume.reload()
-    return sorted(self.resume.all_steps())
+    """Steps of the resume states (not yet checked)."""
+    return self._steps("resume")
 
   def restore_state(self, step: int, like: Any) -> Any:
-    """Restores a resume state shaped like `like` (numpy leaves)."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-    return self.resume.restore(step, args=ocp.args.StandardRestore(abstract))
+    """Checks and restores a resume state shaped like `like` (numpy leaves).
+
+    An unsealed state (orbax renamed it, so it is complete, but the process
+    died before the seal) is restored and, in a writable store, sealed.
+
+    Raises:
+      CheckpointDamaged: a file differs from its manifest, or unsealed and unreadable.
+      CheckpointMismatch: intact, but not shaped like `like` (another icldyn version).
+    """
+    path = self.path("resume", step)
+    sealed = self._verify("resume", step)
+    try:
+      with _orbax_errors_quiet():
+        self.resume.reload()
+        raw = self.resume.restore(step, args=ocp.args.StandardRestore())
+    except Exception as e:
+      self._reopen("resume")
+      if sealed:
+        raise CheckpointMismatch(f"the resume checkpoint at step {step} ({path}) is intact but "
+                                 f"this version of icldyn cannot read it: {_reason(e)}") from e
+      raise CheckpointDamaged("resume", step, path, f"unreadable, and it has no {MANIFEST}: "
+                              f"{_reason(e)}") from e
+    # Orbax restores into a target without checking shapes, so match leaves by path here.
+    got = _leaves_by_path(raw)
+    want, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [_path_name(p) for p, _ in want]
+    for name, (_, leaf) in zip(names, want):
+      a, b = got.get(name), np.asarray(leaf)
+      if a is None or a.shape != b.shape or a.dtype != b.dtype:
+        found = "nothing" if a is None else f"{a.dtype}{list(a.shape)}"
+        raise CheckpointMismatch(
+            f"the resume checkpoint at step {step} ({path}) is intact but does not fit the train "
+            f"state of this version of icldyn: {name} should be {b.dtype}{list(b.shape)}, "
+            f"it holds {found}")
+    extra = sorted(set(got) - set(names))
+    if extra:
+      raise CheckpointMismatch(
+          f"the resume checkpoint at step {step} ({path}) is intact but does not fit the train "
+          f"state of this version of icldyn: it holds {', '.join(extra[:3])}, which the state lacks")
+    if not sealed and not self.read_only:
+      seal(path)
+    return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
+
+  def restore_latest_state(self, like: Any) -> tuple[int | None, Any, list[tuple[CheckpointDamaged, str]]]:
+    """The newest intact resume state, moving damaged newer ones to `damaged/`.
+
+    Returns:
+      (step, state, damaged): step and state are None when no resume state is
+      intact; damaged lists (error, where the checkpoint was moved), newest first.
+    """
+    damaged = []
+    for step in reversed(self.resume_steps()):
+      try:
+        return step, self.restore_state(step, like), damaged
+      except CheckpointDamaged as e:
+        damaged.append((e, self._discard("resume", step, into="damaged")))
+    return None, None, damaged
 
   def stream_steps(self) -> list[int]:
     self.stream.reload()
     return sorted(self.stream.all_steps())
 
   def restore_params(self, step: int) -> Any:
-    """Restores the stacked params saved at `step`."""
-    return self.stream.restore(step, args=ocp.args.StandardRestore())
+    """Checks and restores the stacked params saved at `step`.
+
+    Raises:
+      CheckpointDamaged: a file differs from the manifest, or unreadable.
+    """
+    self._verify("stream", step)
+    try:
+      with _orbax_errors_quiet():
+        return self.stream.restore(step, args=ocp.args.StandardRestore())
+    except Exception as e:
+      self._reopen("stream")
+      raise CheckpointDamaged("stream", step, self.path("stream", step), _reason(e)) from e
 
   def close(self) -> None:
     self.stream.close()
@@ -88,7 +399,11 @@ class Store:
 
 
 def stream(workdir: str, group: int = 0) -> Iterator[tuple[int, Any]]:
-  """Iterates `(step, stacked params)` over a group's checkpoint stream, lazily."""
+  """Iterates `(step, stacked params)` over a group's checkpoint stream, lazily.
+
+  Raises:
+    CheckpointDamaged: naming the step and path of a damaged checkpoint.
+  """
   store = Store(workdir, group, read_only=True)
   try:
     for step in store.stream_steps():

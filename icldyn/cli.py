@@ -25,6 +25,7 @@ from icldyn.config import ConfigError
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume)
+EXIT_IO = 74  # EX_IOERR: the workdir could not be written (disk full, ...); fix, then resume
 
 DEMO_STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "experiments", "demo.py")
@@ -109,9 +110,15 @@ def cmd_train(args, overrides: list[str]) -> int:
   try:
     summary = runner.train(cfg, args.workdir, args.grid, quiet=args.quiet, overwrite=args.overwrite)
   except runner.Preempted as e:
-    cmd = " ".join(shlex.quote(a) for a in sys.argv)
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):  # started as `python -m icldyn`
+      argv[:1] = [sys.executable, "-m", "icldyn"]
+    cmd = " ".join(shlex.quote(a) for a in argv)
     print(f"icldyn: {e}; resume with: {cmd}", file=sys.stderr)
     return EXIT_PREEMPTED
+  except runner.WorkdirError as e:
+    print(f"icldyn: error: {e}", file=sys.stderr)
+    return EXIT_IO
   n_div = len(summary["diverged"])
   print(f"icldyn: trained {summary['num_runs']} run(s) in {summary['seconds']:.0f}s; "
         f"{n_div} diverged{' ' + str(summary['diverged']) if n_div else ''}; "

@@ -145,7 +145,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   except ConfigError:
     raise
   except Exception as e:
-    raise ConfigError("--config", f"{path}:{arg}: {e}") from e
+    raise ConfigError("--config", f"{spec}: {e}") from e
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError("--config", f"{path}: get_config must return an ml_collections.ConfigDict, "
+                      f"got {type(cfg).__name__}")
   cfg.lock()
   return cfg
 

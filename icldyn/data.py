@@ -220,6 +220,9 @@ def load_file_array(path: str, dataset_key: str) -> np.ndarray:
                             f"no dataset {dataset_key!r} in {path}")
         arr = np.asarray(f[dataset_key])
     elif ext == ".npy":
+      with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+          raise ConfigError("data.path", f"{path} is not a .npy file")
       arr = np.load(path, allow_pickle=False)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as z:

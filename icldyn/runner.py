@@ -1,34 +1,50 @@
 """The host loop of `icldyn train`: validate, write the workdir, train each group, resume.
 
 Order of work: the whole grid is expanded and validated, every group's data
-table is built and every clamp plan made before anything is written, so a
-bad input leaves no trace. Then each compile group is trained by chunks
-between host events (evaluation, stream checkpoint, resume checkpoint).
+table is built, every clamp plan made and the workdir checked before anything
+is written, so a bad input leaves no trace. Then each compile group is
+trained by chunks between host events (evaluation, stream checkpoint,
+resume checkpoint).
 
-Resume: a workdir holding the same resolved config continues from each
-group's newest resume checkpoint; rows of `metrics.csv` past that point are
-dropped, so the finished workdir equals an uninterrupted run's.
+Reliability (docs/bad_inputs.md, tests/test_reliability.py):
+- Resume. A workdir holding the same resolved config continues each group
+  from its newest intact resume checkpoint (a damaged one is reported with
+  its step and path, set aside, and the previous one used). Rows of
+  `metrics.csv` and stream checkpoints past that step are dropped and
+  redone, so the finished workdir equals an uninterrupted run's.
+- Crash safety. Files are replaced atomically, metrics appended with fsync,
+  checkpoints renamed into place when complete; TensorBoard writers are
+  flushed before each resume checkpoint. A kill at any instant leaves the
+  workdir resumable.
+- Signals. The first SIGTERM/SIGINT stops training after the current chunk
+  with a resume checkpoint (`Preempted`); a second one stops at once.
+- Disk full / unwritable: `WorkdirError`, the checkpoints written before intact.
+- One process per workdir: an flock on `DIR/.lock`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from icldyn import checkpoint as ckpt_lib
 from icldyn import clamps as clamps_lib
 from icldyn import config as config_lib
 from icldyn import data as data_lib
+from icldyn import faults
 from icldyn import grid as grid_lib
 from icldyn import sharding as sharding_lib
 from icldyn import train as train_lib
@@ -37,9 +53,21 @@ from icldyn.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+# What icldyn writes in a workdir (anything else there is the user's).
+WORKDIR_ENTRIES = ("config.json", "runs.csv", "metrics.csv", "checkpoints", "tb", "analysis",
+                   "plots", "report.md", ".lock")
+
 
 class Preempted(Exception):
   """Training stopped on SIGTERM/SIGINT after writing a resume checkpoint."""
+
+
+class WorkdirError(Exception):
+  """The workdir could not be written during training (disk full, permissions, ...).
+
+  Everything written before (checkpoints, metrics) is intact; the same
+  command resumes once the cause is fixed.
+  """
 
 
 @dataclasses.dataclass
@@ -64,8 +92,26 @@ class Prepared:
     return {"config": json.loads(config_lib.to_json(self.config)), "grid": list(self.axes)}
 
 
+def _check_known_fields(cfg) -> None:
+  """Refuses fields that base_config lacks (a study can add them by typo inside `unlocked()`)."""
+  def walk(node, base, prefix):
+    for key in node.keys():
+      field = f"{prefix}{key}"
+      if key not in base:
+        raise ConfigError(field, "unknown config field (not in icldyn.config.base_config)")
+      if isinstance(base[key], ml_collections.ConfigDict):
+        if not isinstance(node[key], ml_collections.ConfigDict):
+          raise ConfigError(field, f"must be a group of fields, got {node[key]!r}")
+        walk(node[key], base[key], f"{field}.")
+  walk(cfg, config_lib.base_config(), "")
+
+
 def prepare(cfg, axes: list[str] | None = None) -> Prepared:
   """Expands, validates and builds every group of a grid (raises ConfigError)."""
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError("--config", f"the config must be an ml_collections.ConfigDict, "
+                      f"got {type(cfg).__name__}")
+  _check_known_fields(cfg)
   axes = list(axes) if axes else list(cfg.grid)
   runs = grid_lib.expand(cfg, axes)
   if not runs:
@@ -81,6 +127,10 @@ def prepare(cfg, axes: list[str] | None = None) -> Prepared:
   return Prepared(config=cfg, axes=axes, fields=fields, groups=groups, num_runs=len(runs))
 
 
+# --------------------------------------------------------------------------
+# The workdir: checks (read-only), lock, clearing.
+
+
 def _diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
@@ -90,34 +140,101 @@ def _diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [prefix.rstrip(".")]
 
 
-def check_workdir(workdir: str, prepared: Prepared, overwrite: bool) -> bool:
-  """Checks the workdir; returns True when it holds this grid (resume).
+def _ours(name: str) -> bool:
+  base, mark, pid = name.rpartition(wd_lib.TMP_MARK)
+  return name in WORKDIR_ENTRIES or bool(mark and base in WORKDIR_ENTRIES and pid.isdigit())
 
-  Raises ConfigError for a file in the way, an unwritable directory, or a
-  different config (unless `overwrite`, which clears the workdir).
+
+def check_workdir(workdir: str, prepared: Prepared, overwrite: bool) -> bool:
+  """Checks the workdir without changing it; returns True when it holds this grid (resume).
+
+  Raises:
+    ConfigError: the path is or lies under a file, is not writable (or on a
+      read-only file system), holds someone else's files, or holds a
+      different (or unreadable) config.json, unless `overwrite`.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError("--workdir", f"{workdir} exists and is not a directory")
-  parent = os.path.dirname(os.path.abspath(workdir))
-  target = workdir if os.path.isdir(workdir) else parent
+  target = path
   while not os.path.exists(target):
     target = os.path.dirname(target)
+  if not os.path.isdir(target):
+    raise ConfigError("--workdir", f"{target} is a file, so {workdir} cannot be created")
   if not os.access(target, os.W_OK | os.X_OK):
     raise ConfigError("--workdir", f"{target} is not writable")
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
+  if os.statvfs(target).f_flag & os.ST_RDONLY:
+    raise ConfigError("--workdir", f"{target} is on a read-only file system")
+  if target != path:
     return False
-  with open(cfg_path) as f:
-    old = json.load(f)
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    foreign = sorted(n for n in os.listdir(path) if not _ours(n))
+    if foreign:
+      shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+      raise ConfigError("--workdir", f"{workdir} is not empty and is not an icldyn workdir "
+                        f"(holds {shown}); use a new or empty directory")
+    return False  # empty, or leftovers of an interrupted start / --overwrite: start afresh
+  try:
+    with open(cfg_path) as f:
+      old = json.load(f)
+    if not isinstance(old, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    if overwrite:
+      return False
+    raise ConfigError("--workdir", f"{cfg_path} is unreadable ({e}); "
+                      "use another workdir or --overwrite") from None
   diff = _diff_fields(old, prepared.resolved())
   if not diff:
     return True
   if overwrite:
-    shutil.rmtree(workdir)
     return False
   shown = ", ".join(diff[:8]) + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
   raise ConfigError("--workdir", f"{workdir} holds a different config (differs in: {shown}); "
                     "use another workdir or --overwrite")
+
+
+class _Lock:
+  """An exclusive flock on DIR/.lock for the duration of training (creates DIR)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.fd = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      other = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+      os.close(self.fd)
+      self.fd = None
+      raise ConfigError("--workdir", f"{os.path.dirname(self.path)} is in use by another "
+                        f"icldyn process (pid {other})") from None
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+    return self
+
+  def __exit__(self, *exc):
+    if self.fd is not None:
+      os.close(self.fd)  # releases the flock
+      self.fd = None
+
+
+def _clear_workdir(workdir: str) -> None:
+  """Removes what an earlier icldyn run wrote (config.json first: the workdir is then "new")."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if os.path.exists(cfg_path):
+    os.remove(cfg_path)
+    wd_lib.fsync_dir(workdir)
+  for name in os.listdir(workdir):
+    p = os.path.join(workdir, name)
+    if name != ".lock" and _ours(name):
+      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
 def run_rows(prepared: Prepared, status: dict[int, tuple[str, int]] | None = None) -> list[dict]:
@@ -135,29 +252,63 @@ def run_rows(prepared: Prepared, status: dict[int, tuple[str, int]] | None = Non
   return rows
 
 
+def _read_status(workdir: str) -> dict[int, tuple[str, int]]:
+  path = os.path.join(workdir, "runs.csv")
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  for r in wd_lib.read_csv(path):
+    d = r.get("diverged_step") or "-1"
+    out[int(r["run"])] = (r.get("status", "pending"), int(d))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Signals.
+
+
 class _StopFlag:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between chunks."""
+  """Turns the first SIGTERM/SIGINT into a flag the loop checks between chunks.
+
+  A second signal kills the process at once, as if it were not handled (the
+  workdir stays resumable, as after any kill).
+  """
 
   def __init__(self):
     self.signum = None
     self._old = {}
 
   def __enter__(self):
-    if threading_main():
+    if threading_main():  # signal handlers can only be set from the main thread
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._handle)
     return self
 
   def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.signum is not None:  # die by the signal, as if uncaught (a kill is safe)
+      log.warning("%s again: stopping at once", name)
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
     self.signum = signum
+    log.warning("%s: stopping after the current chunk with a resume checkpoint "
+                "(send it again to stop at once)", name)
 
-  def __exit__(self, *exc):
+  def _restore(self):
     for s, h in self._old.items():
       signal.signal(s, h)
+    self._old = {}
+
+  def __exit__(self, *exc):
+    self._restore()
+
+  def preempted(self, where: str, saved: bool = True) -> Preempted:
+    return Preempted(f"stopped by {signal.Signals(self.signum).name} {where}"
+                     + (", after writing a resume checkpoint" if saved else ""))
 
 
 def threading_main() -> bool:
-  import threading
   return threading.current_thread() is threading.main_thread()
 
 
@@ -165,6 +316,10 @@ def _compile(fn, *args, opt_level: int | None = None):
   """AOT-compiles a jitted function (optionally at a lower XLA optimisation level)."""
   options = {} if opt_level is None else {"xla_backend_optimization_level": opt_level}
   return fn.lower(*args).compile(compiler_options=options)
+
+
+# --------------------------------------------------------------------------
+# Training.
 
 
 def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
@@ -179,156 +334,214 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
     overwrite: replace a workdir that holds a different config.
 
   Returns:
-    Summary dict: num_runs, diverged (list of run indices), workdir, seconds.
+    Summary dict: num_runs, diverged (list of run indices), diverged_steps
+    ({run: sequences}), workdir, seconds.
 
   Raises:
     ConfigError: bad input (nothing written).
     Preempted: stopped by a signal after saving a resume checkpoint.
+    WorkdirError: the workdir could not be written (earlier checkpoints intact).
   """
   sharding_lib.maybe_initialize_distributed()
-  prepared = prepare(cfg, axes)
-  resuming = check_workdir(workdir, prepared, overwrite)
-  os.makedirs(workdir, exist_ok=True)
-  if not resuming:
-    wd_lib.write_json(os.path.join(workdir, "config.json"), prepared.resolved())
-  status: dict[int, tuple[str, int]] = {}
-  wd_lib.write_runs(os.path.join(workdir, "runs.csv"), run_rows(prepared, _read_status(workdir)))
-  metrics = wd_lib.MetricsFile(os.path.join(workdir, "metrics.csv"))
-  tb = wd_lib.TensorBoard(os.path.join(workdir, "tb"))
   t0 = time.time()
-  try:
-    with _StopFlag() as stop:
-      for pg in prepared.groups:
-        status.update(_train_group(pg, prepared, workdir, metrics, tb, quiet, stop))
-        wd_lib.write_runs(os.path.join(workdir, "runs.csv"),
-                          run_rows(prepared, {**_read_status(workdir), **status}))
-  finally:
-    tb.close()
+  status: dict[int, tuple[str, int]] = {}
+  with _StopFlag() as stop:
+    prepared = prepare(cfg, axes)
+    resuming = check_workdir(workdir, prepared, overwrite)
+    if stop.signum is not None:
+      raise stop.preempted("before training began", saved=False)
+    try:
+      with _Lock(workdir):
+        _train_all(prepared, workdir, resuming, quiet, stop, status)
+    except OSError as e:
+      if isinstance(e, ckpt_lib.CheckpointWriteError):
+        what = str(e)
+      else:
+        why = f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
+        what = f"cannot write to {e.filename or workdir}: {why}"
+      raise WorkdirError(f"{what}; everything written before is intact: free space or fix "
+                         "permissions, then run the same command to resume") from e
   diverged = sorted(r for r, (s, _) in status.items() if s == "diverged")
-  return {"num_runs": prepared.num_runs, "diverged": diverged, "workdir": workdir,
+  if diverged:
+    log.warning("%d of %d runs diverged (run: sequences) %s; runs.csv marks them", len(diverged),
+                prepared.num_runs, ", ".join(f"{r}: {status[r][1]}" for r in diverged))
+  return {"num_runs": prepared.num_runs, "diverged": diverged,
+          "diverged_steps": {r: status[r][1] for r in diverged}, "workdir": workdir,
           "seconds": time.time() - t0}
 
 
-def _read_status(workdir: str) -> dict[int, tuple[str, int]]:
-  path = os.path.join(workdir, "runs.csv")
-  if not os.path.exists(path):
-    return {}
-  out = {}
-  for r in wd_lib.read_csv(path):
-    d = r.get("diverged_step") or "-1"
-    out[int(r["run"])] = (r.get("status", "pending"), int(d))
-  return out
+def _train_all(prepared: Prepared, workdir: str, resuming: bool, quiet: bool, stop: _StopFlag,
+               status: dict[int, tuple[str, int]]) -> None:
+  """Writes the workdir's files and trains every group, filling `status` per run."""
+  wd_lib.remove_stale_tmp(workdir)
+  if not resuming:
+    _clear_workdir(workdir)
+    wd_lib.write_json(os.path.join(workdir, "config.json"), prepared.resolved())
+  runs_path = os.path.join(workdir, "runs.csv")
+  wd_lib.write_runs(runs_path, run_rows(prepared, _read_status(workdir)))
+  metrics = wd_lib.MetricsFile(os.path.join(workdir, "metrics.csv"))
+  tb = wd_lib.TensorBoard(os.path.join(workdir, "tb"))
+  try:
+    for pg in prepared.groups:
+      if stop.signum is not None:
+        raise stop.preempted(f"before group {pg.group.index + 1}/{len(prepared.groups)}",
+                             saved=False)
+      status.update(_train_group(pg, prepared, workdir, metrics, tb, quiet, stop))
+      wd_lib.write_runs(runs_path, run_rows(prepared, {**_read_status(workdir), **status}))
+  finally:
+    try:
+      tb.close()
+    except OSError:
+      pass  # already failing; the first error is the one to report
+
+
+def _resume_tree(state, acc: dict, t: int) -> dict:
+  """A resume state: the train state, the training-loss accumulators, the step."""
+  return {"state": jax.device_get(state), "acc_loss": np.asarray(acc["loss"]),
+          "acc_grad_norm": np.asarray(acc["grad_norm"]),
+          "acc_count": np.int64(acc["count"]), "t": np.int64(t)}
+
+
+def _restore(store: ckpt_lib.Store, like: dict, label: str) -> dict | None:
+  """The newest intact resume state of a group (or None), reporting damaged ones."""
+  try:
+    step, restored, damaged = store.restore_latest_state(like)
+  except ckpt_lib.CheckpointMismatch as e:
+    raise ConfigError("--workdir", f"{e}; resume with the icldyn version that wrote it, or "
+                      "start over with --overwrite") from e
+  for err, moved in damaged:
+    log.warning("%s; set aside as %s", err, moved)
+  if damaged:
+    log.warning("%s", f"{label.strip() or 'grid'}: falling back to the newest intact resume "
+                f"checkpoint, step {step}" if restored is not None else
+                f"{label.strip() or 'grid'}: no intact resume checkpoint left, starting over")
+  return restored
 
 
 def _train_group(pg: PreparedGroup, prepared: Prepared, workdir: str,
                  metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool,
                  stop: _StopFlag) -> dict[int, tuple[str, int]]:
-  g, static = pg.group, pg.static
-  cfg = g.config
-  mesh = sharding_lib.run_mesh()
-  r = len(g.runs)
-  rp = sharding_lib.padded_count(r, mesh)
-  props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, r, rp), mesh)
-  table = sharding_lib.replicate(pg.table, mesh)
-  batch = static.batch_size
-  total = -(-cfg.train.num_sequences // batch)
-  evals = train_lib.eval_steps(total, batch, cfg.train.eval_every)
-  ckpts = ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.every,
-                            config_lib.checkpoint_sequences(cfg), cfg.checkpoint.log_num, batch)
-  resumes = ([] if cfg.checkpoint.resume_every <= 0 else
-             ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.resume_every, [], 0, batch))
-  resumes = sorted(set(resumes) | {total})
-  events = sorted(set(evals) | set(ckpts) | set(resumes))
-  label = f" g{g.index + 1}/{len(prepared.groups)}" if len(prepared.groups) > 1 else ""
+  """Trains (or resumes) one compile group; returns {run: (status, diverged sequences)}."""
+  store = ckpt_lib.Store(workdir, pg.group.index)
+  try:
+    return _GroupRun(pg, prepared, store, metrics, tb, quiet, stop).run()
+  finally:
+    store.close()
 
-  tc = time.time()
-  init, chunk, evaluate = train_lib.make_programs(static, mesh)
-  init_c = _compile(init, props, opt_level=0)  # runs once: compile fast rather than run fast
-  state = init_c(props)
-  store = ckpt_lib.Store(workdir, g.index)
-  t = 0
-  acc = {"loss": np.zeros(rp), "grad_norm": np.zeros(rp), "count": 0}
-  saved = store.resume_steps()
-  if saved:
-    step_seqs = saved[-1]
-    like = {"state": jax.device_get(state), "acc_loss": acc["loss"], "acc_grad_norm": acc["grad_norm"],
-            "acc_count": np.int64(0), "t": np.int64(0)}
-    restored = store.restore_state(step_seqs, like)
-    state = sharding_lib.shard_runs(restored["state"], mesh)
-    acc = {"loss": np.asarray(restored["acc_loss"]), "grad_norm": np.asarray(restored["acc_grad_norm"]),
-           "count": int(restored["acc_count"])}
-    t = int(restored["t"])
-    metrics.truncate_after(set(g.runs), t * batch)
-    if not quiet:
-      print(f"[icldyn]{label} resuming at {t * batch} sequences", file=sys.stderr, flush=True)
-  chunk_c = _compile(chunk, state, props, table, 0, 1)
-  eval_c = _compile(evaluate, state, props, table)
-  if not quiet:
-    print(f"[icldyn]{label} {r} runs ({rp - r} padding) on {mesh.devices.size} device(s), "
-          f"compiled in {time.time() - tc:.1f}s", file=sys.stderr, flush=True)
-  progress = train_lib.Progress(cfg.train.num_sequences, quiet, label=label)
-  last_loss = None
 
-  def do_events(t):
-    nonlocal last_loss
-    if t in evals and not (saved and t == int(restored["t"]) and t > 0):
+class _GroupRun:
+  """The host loop of one group: chunks of steps between events, resume, preemption."""
+
+  def __init__(self, pg: PreparedGroup, prepared: Prepared, store: ckpt_lib.Store,
+               metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool, stop: _StopFlag):
+    self.g, self.static = pg.group, pg.static
+    self.store, self.metrics, self.tb, self.quiet, self.stop = store, metrics, tb, quiet, stop
+    cfg = self.g.config
+    self.mesh = sharding_lib.run_mesh()
+    self.r = len(self.g.runs)
+    self.rp = sharding_lib.padded_count(self.r, self.mesh)
+    self.props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, self.r, self.rp), self.mesh)
+    self.table = sharding_lib.replicate(pg.table, self.mesh)
+    self.batch = batch = self.static.batch_size
+    self.total = -(-cfg.train.num_sequences // batch)
+    self.evals = set(train_lib.eval_steps(self.total, batch, cfg.train.eval_every))
+    self.ckpts = set(ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.every,
+                                       config_lib.checkpoint_sequences(cfg), cfg.checkpoint.log_num,
+                                       batch))
+    resumes = ([] if cfg.checkpoint.resume_every <= 0 else
+               ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.resume_every, [], 0, batch))
+    self.resumes = set(resumes) | {self.total}
+    self.events = sorted(self.evals | self.ckpts | self.resumes)
+    self.label = f" g{self.g.index + 1}/{len(prepared.groups)}" if len(prepared.groups) > 1 else ""
+    self.last_loss = None
+    self.saved_at = None  # the step of the newest resume checkpoint of this state
+
+  def run(self) -> dict[int, tuple[str, int]]:
+    tc = time.time()
+    init, chunk, evaluate = train_lib.make_programs(self.static, self.mesh)
+    init_c = _compile(init, self.props, opt_level=0)  # runs once: compile fast rather than run fast
+    self.state = init_c(self.props)
+    self.acc = {"loss": np.zeros(self.rp), "grad_norm": np.zeros(self.rp), "count": 0}
+    t = 0
+    # Everything up to and including a resume checkpoint's step was written
+    # before it; everything after is dropped here and redone.
+    restored = _restore(self.store, _resume_tree(self.state, self.acc, 0), self.label)
+    if restored is not None:
+      self.state = sharding_lib.shard_runs(restored["state"], self.mesh)
+      self.acc = {"loss": restored["acc_loss"], "grad_norm": restored["acc_grad_norm"],
+                  "count": int(restored["acc_count"])}
+      t = self.saved_at = int(restored["t"])
+    kept = t * self.batch if t > 0 else -1
+    self.metrics.truncate_after(set(self.g.runs), kept)
+    self.store.drop_stream_after(max(kept, 0))
+    self.tb.resume(self.g.runs, kept + 1)
+    if t > 0 and not self.quiet:
+      print(f"[icldyn]{self.label} resuming at {t * self.batch} sequences", file=sys.stderr,
+            flush=True)
+    if t < self.total:
+      self.chunk_c = _compile(chunk, self.state, self.props, self.table, 0, 1)
+      self.eval_c = _compile(evaluate, self.state, self.props, self.table)
+      if not self.quiet:
+        print(f"[icldyn]{self.label} {self.r} runs ({self.rp - self.r} padding) on "
+              f"{self.mesh.devices.size} device(s), compiled in {time.time() - tc:.1f}s",
+              file=sys.stderr, flush=True)
+      self._loop(t)
+    div = jax.device_get((self.state.diverged, self.state.diverged_step))
+    return {run: ("diverged", int(div[1][i]) * self.batch) if div[0][i] else ("done", -1)
+            for i, run in enumerate(self.g.runs)}
+
+  def _loop(self, t: int) -> None:
+    progress = train_lib.Progress(self.g.config.train.num_sequences, self.quiet, label=self.label)
+    if self.saved_at is None:
+      self._events(t)  # a restored state's events were done before its checkpoint
+    progress.update(t * self.batch, self.last_loss)
+    for nxt in self.events:
+      if nxt <= t:
+        continue
+      while t < nxt and self.stop.signum is None:
+        n = min(self.static.scan_steps, nxt - t)
+        self.state, (losses, gnorms) = self.chunk_c(self.state, self.props, self.table, t, n)
+        losses, gnorms = jax.device_get((losses, gnorms))
+        self.acc["loss"] = self.acc["loss"] + np.sum(losses[:n].astype(np.float64), axis=0)
+        self.acc["grad_norm"] = self.acc["grad_norm"] + np.sum(gnorms[:n].astype(np.float64), axis=0)
+        self.acc["count"] += n
+        t += n
+        progress.update(t * self.batch, self.last_loss)
+        faults.hit("after_chunk")
+      if t == nxt:
+        self._events(t)
+      if self.stop.signum is not None and t < self.total:
+        if t > 0 and self.saved_at != t:
+          self._save_resume(t)
+        raise self.stop.preempted(f"at {t * self.batch} sequences", saved=t > 0)
+    progress.update(t * self.batch, self.last_loss, force=True)
+
+  def _events(self, t: int) -> None:
+    """Evaluation, then stream checkpoint, then resume checkpoint, at step t."""
+    g, r, batch = self.g, self.r, self.batch
+    if t in self.evals:
       rows = []
-      out = jax.device_get(eval_c(state, props, table))
-      if t > 0 and acc["count"] > 0:
-        out["train"] = {"loss": acc["loss"] / acc["count"],
-                        "grad_norm": acc["grad_norm"] / acc["count"]}
-        acc["loss"][:] = 0
-        acc["grad_norm"][:] = 0
-        acc["count"] = 0
+      out = jax.device_get(self.eval_c(self.state, self.props, self.table))
+      if t > 0 and self.acc["count"] > 0:
+        out["train"] = {"loss": self.acc["loss"] / self.acc["count"],
+                        "grad_norm": self.acc["grad_norm"] / self.acc["count"]}
+        self.acc = {"loss": np.zeros(self.rp), "grad_norm": np.zeros(self.rp), "count": 0}
       for ev in sorted(out):
         for m in sorted(out[ev]):
           vals = np.asarray(out[ev][m])
           for i, run in enumerate(g.runs):
             v = float(vals[i])
             rows.append((t * batch, run, ev, m, v))
-            tb.scalar(run, f"{ev}/{m}", v, t * batch)
-      metrics.append(rows)
+            self.tb.scalar(run, f"{ev}/{m}", v, t * batch)
+      self.metrics.append(rows)
       if "fsl_train" in out:
-        last_loss = float(np.mean(np.asarray(out["fsl_train"]["loss"])[:r]))
-    if t in ckpts and t > 0:
-      store.save_params(t * batch, jax.tree.map(lambda x: x[:r], state.params))
-    if t in resumes and t > 0:
-      _save_resume(store, t, batch, state, acc)
+        self.last_loss = float(np.mean(np.asarray(out["fsl_train"]["loss"])[:r]))
+    if t in self.ckpts and t > 0:
+      self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], self.state.params))
+    if t in self.resumes and t > 0:
+      self._save_resume(t)
 
-  do_events(t)
-  progress.update(t * batch, last_loss)
-  for nxt in events:
-    if nxt <= t:
-      continue
-    while t < nxt:
-      n = min(static.scan_steps, nxt - t)
-      state, (losses, gnorms) = chunk_c(state, props, table, t, n)
-      losses, gnorms = jax.device_get((losses, gnorms))
-      acc["loss"] += np.sum(losses[:n].astype(np.float64), axis=0)
-      acc["grad_norm"] += np.sum(gnorms[:n].astype(np.float64), axis=0)
-      acc["count"] += n
-      t += n
-      progress.update(t * batch, last_loss)
-      if stop.signum is not None and t < nxt:
-        _save_resume(store, t, batch, state, acc)
-        store.close()
-        raise Preempted(f"stopped by signal {stop.signum} at {t * batch} sequences")
-    do_events(t)
-    if stop.signum is not None and t < total:
-      if t not in resumes:
-        _save_resume(store, t, batch, state, acc)
-      store.close()
-      raise Preempted(f"stopped by signal {stop.signum} at {t * batch} sequences")
-  progress.update(t * batch, last_loss, force=True)
-  store.close()
-  div = jax.device_get((state.diverged, state.diverged_step))
-  out = {}
-  for i, run in enumerate(g.runs):
-    out[run] = ("diverged", int(div[1][i]) * batch) if div[0][i] else ("done", -1)
-  return out
-
-
-def _save_resume(store: ckpt_lib.Store, t: int, batch: int, state, acc) -> None:
-  store.save_state(t * batch, {"state": jax.device_get(state), "acc_loss": acc["loss"],
-                               "acc_grad_norm": acc["grad_norm"],
-                               "acc_count": np.int64(acc["count"]), "t": np.int64(t)})
+  def _save_resume(self, t: int) -> None:
+    self.tb.flush()  # TensorBoard events up to t reach the disk before the state that skips them
+    self.store.save_state(t * self.batch, _resume_tree(self.state, self.acc, t))
+    self.saved_at = t

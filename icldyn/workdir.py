@@ -2,8 +2,11 @@
 
 Every file that is rewritten is written to a temporary name, fsynced and
 renamed, so a crash leaves the old or the new version, never a torn one.
-`metrics.csv` is append-only during training; on resume it is rewritten to
-the rows at or before the resume step.
+`metrics.csv` is append-only during training (one fsynced write per
+evaluation); on resume, rows past the resume step and a torn last line are
+dropped, so no row is duplicated or torn. TensorBoard events past the resume
+step are hidden by a purge marker (TensorBoard's own mechanism), and every
+writer is flushed before a resume checkpoint, so no event at or before it is lost.
 """
 
 from __future__ import annotations
@@ -15,17 +18,50 @@ import math
 import os
 from typing import Any, Iterable
 
+from icldyn import faults
+
 METRICS_HEADER = ("step", "run", "evaluator", "metric", "value")
+TMP_MARK = ".tmp."  # atomic_write's temporary files are `{name}.tmp.{pid}`
+
+
+def fsync_dir(path: str) -> None:
+  """Makes a rename or creation inside `path` durable (no-op where unsupported)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def atomic_write(path: str, text: str) -> None:
   """Writes `text` to `path` via a temporary file and rename."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  tmp = f"{path}{TMP_MARK}{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
+  fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def remove_stale_tmp(directory: str) -> None:
+  """Removes temporary files that a killed atomic_write left in `directory`."""
+  for name in os.listdir(directory):
+    base, mark, pid = name.rpartition(TMP_MARK)
+    if mark and base and pid.isdigit():
+      os.remove(os.path.join(directory, name))
 
 
 def format_value(v: Any) -> str:
@@ -68,29 +104,47 @@ class MetricsFile:
     if not os.path.exists(path):
       atomic_write(path, ",".join(METRICS_HEADER) + "\n")
 
-  def truncate_after(self, runs: set[int], step: int) -> None:
-    """Drops rows of `runs` with step > `step`, and any torn last line."""
+  def truncate_after(self, runs: set[int], step: int) -> int:
+    """Drops rows of `runs` with step > `step` (all of them for step < 0) and a torn last line.
+
+    Rewrites the file (atomically) only when something is dropped.
+
+    Returns:
+      The number of lines dropped.
+    """
     with open(self.path) as f:
       text = f.read()
     lines = text.split("\n")
-    complete = lines[:-1] if not text.endswith("\n") else lines
-    keep = [complete[0]]
+    complete = lines[:-1]  # the piece after the last newline is empty or torn
+    keep = [",".join(METRICS_HEADER)]
     for line in complete[1:]:
       parts = line.split(",")
+      try:
+        if int(parts[1]) in runs and int(parts[0]) > step:
+          continue
+      except (IndexError, ValueError):
+        continue  # not a row (cannot happen short of outside damage)
       if len(parts) != len(METRICS_HEADER):
-        continue  # torn row
-      if int(parts[1]) in runs and int(parts[0]) > step:
         continue
       keep.append(line)
-    atomic_write(self.path, "\n".join(keep).rstrip("\n") + "\n")
+    dropped = max(0, len(complete) - len(keep)) + (1 if lines[-1] else 0)
+    if dropped or not complete or complete[0] != keep[0]:
+      atomic_write(self.path, "\n".join(keep) + "\n")
+    return dropped
 
   def append(self, rows: Iterable[tuple]) -> None:
     """Appends rows and fsyncs (one write call per evaluation)."""
     text = "".join(",".join(format_value(v) for v in r) + "\n" for r in rows)
     with open(self.path, "a") as f:
+      if faults.active("in_metrics"):  # tear this append for the fault-injection tests
+        f.write(text[:len(text) // 2])
+        f.flush()
+        faults.hit("in_metrics")
+        text = text[len(text) // 2:]
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    faults.hit("after_metrics")
 
 
 class TensorBoard:
@@ -99,13 +153,38 @@ class TensorBoard:
   def __init__(self, root: str):
     self.root = root
     self.writers: dict[int, Any] = {}
+    self.purge_from: dict[int, int] = {}
+    self.opened = 0
+
+  def resume(self, runs: Iterable[int], step: int) -> None:
+    """Hides, in TensorBoard, the events of `runs` at steps >= `step` left by an earlier process.
+
+    The event files keep them; TensorBoard drops events past a restart
+    marker (tensorboardX `purge_step`). Only runs with earlier logs get one.
+    """
+    for run in runs:
+      d = os.path.join(self.root, f"run_{run}")
+      if os.path.isdir(d) and os.listdir(d):
+        self.purge_from[run] = step
 
   def scalar(self, run: int, tag: str, value: float, step: int) -> None:
     if run not in self.writers:
       from tensorboardX import SummaryWriter
-      self.writers[run] = SummaryWriter(os.path.join(self.root, f"run_{run}"))
+      # A unique suffix per writer: tensorboardX names files by the second and opens them 'wb'.
+      self.opened += 1
+      self.writers[run] = SummaryWriter(os.path.join(self.root, f"run_{run}"),
+                                        purge_step=self.purge_from.get(run),
+                                        filename_suffix=f".{os.getpid()}.{self.opened:06d}")
     if math.isfinite(value):
       self.writers[run].add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    """Writes every queued event to disk (tensorboardX's own flush skips its queue).
+
+    Closes the writers; the next scalar opens a new event file.
+    """
+    self.close()
+    self.purge_from.clear()
 
   def close(self) -> None:
     for w in self.writers.values():
