@@ -8,8 +8,17 @@ within a CPU budget (see experiments/demo.py). `smoke`: seconds.
 from icldyn.config import base_config
 
 
-def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = ""):
-  """The base config of a study for a variant ('', 'cpu', 'smoke')."""
+def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = "",
+                 cpu_seeds: int = 2):
+  """The base config of a study for a variant ('', 'cpu', 'smoke').
+
+  Args:
+    variant: '' (paper settings), 'cpu' or 'smoke'.
+    grid: the study's grid axes (seeds are added).
+    seeds: init seeds of the paper variant.
+    eval_clamps: named clamps to evaluate under.
+    cpu_seeds: at most this many seeds in the cpu variant.
+  """
   c = base_config()
   with c.unlocked():
     c.eval.clamps = eval_clamps
@@ -21,7 +30,7 @@ def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = ""):
       c.eval.size = 500
       c.checkpoint.every = 10_000
       c.checkpoint.resume_every = 50_000
-      c.grid = grid + (f"seeds.init={','.join(map(str, range(min(seeds, 2))))}",)
+      c.grid = grid + (f"seeds.init={','.join(map(str, range(min(seeds, cpu_seeds))))}",)
     elif variant == "smoke":
       c.train.num_sequences = 1600
       c.train.eval_every = 800

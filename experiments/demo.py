@@ -12,25 +12,19 @@ fsl_train loss sits near ln 2 (0.69) around 4-6e4 sequences and falls below
 0.4 ln 2 at about 1.0-1.4e5. About 1-2 minutes of training on 2 CPU cores.
 """
 
-from icldyn.config import base_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import study_config  # noqa: E402
 
 
 def get_config(arg: str = ""):
-  c = base_config()
+  if arg == "smoke":
+    return study_config("smoke", (), 1)
+  if arg:
+    raise ValueError(f"unknown variant {arg!r} (use '' or 'smoke')")
+  c = study_config("cpu", (), 4, cpu_seeds=4)
   with c.unlocked():
-    c.train.learning_rate = 5e-5
-    c.train.num_sequences = 200_000
-    c.train.eval_every = 5000
-    c.eval.size = 500
-    c.checkpoint.every = 10_000
-    c.checkpoint.log_num = 10
-    c.checkpoint.resume_every = 50_000
-    c.grid = ("seeds.init=0,1,2,3",)
-    if arg == "smoke":
-      c.train.num_sequences = 3200
-      c.train.eval_every = 1600
-      c.eval.size = 64
-      c.grid = ("seeds.init=0,1",)
-    elif arg:
-      raise ValueError(f"unknown variant {arg!r} (use '' or 'smoke')")
+    c.checkpoint.log_num = 10  # dense early checkpoints as well as every 10k
   return c

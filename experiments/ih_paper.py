@@ -20,31 +20,22 @@ abruptly as layer-2 induction heads form (~2-3e5 sequences on Omniglot);
 several heads reach high induction strength, but one dominates (Fig. 3, 4a).
 """
 
-from icldyn.config import base_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import study_config  # noqa: E402
+
+# Fig. 4a: accuracy with only head h of layer 2 kept, and with each single head ablated.
+EVAL_CLAMPS = ",".join([f"keep_head_{h}" for h in range(8)] +
+                       [f"ablate_head_1_{h}" for h in range(8)])
 
 
 def get_config(arg: str = ""):
-  c = base_config()
-  with c.unlocked():
-    # Fig. 4a: accuracy with only head h of layer 2 kept, and with each single head ablated.
-    c.eval.clamps = ",".join([f"keep_head_{h}" for h in range(8)] +
-                             [f"ablate_head_1_{h}" for h in range(8)])
-    if arg == "seeds":
-      c.grid = ("seeds.init=0,1,2,3,4",)
-    elif arg == "cpu":
-      c.train.learning_rate = 5e-5
-      c.train.num_sequences = 200_000
-      c.eval.size = 500
-      c.checkpoint.every = 10_000
-      c.grid = ("seeds.init=0,1,2,3",)
-    elif arg == "smoke":
-      c.train.num_sequences = 3200
-      c.train.eval_every = 1600
-      c.eval.size = 64
-      c.eval.batch = 64
-      c.checkpoint.every = 1600
-      c.checkpoint.resume_every = 1600
-      c.eval.clamps = "keep_head_0,ablate_head_1_0"
-    elif arg:
-      raise ValueError(f"unknown variant {arg!r} (use '', 'seeds', 'cpu' or 'smoke')")
-  return c
+  if arg == "smoke":
+    return study_config("smoke", (), 1, "keep_head_0,ablate_head_1_0")
+  if arg == "seeds":
+    return study_config("", (), 5, EVAL_CLAMPS)
+  if arg not in ("", "cpu"):
+    raise ValueError(f"unknown variant {arg!r} (use '', 'seeds', 'cpu' or 'smoke')")
+  return study_config(arg, (), 1 if arg == "" else 4, EVAL_CLAMPS, cpu_seeds=4)
