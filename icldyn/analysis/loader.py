@@ -1,0 +1,274 @@
+"""Reading a trained workdir for analysis: config, run table, metric curves, checkpoints.
+
+`open_workdir` rebuilds the grid exactly as training built it (config.json
+→ `runner.prepare`), so every run's static spec, props and class table are
+the ones it trained with. `stream` iterates a group's checkpoint stream
+lazily, restoring the next checkpoint in a background thread while the
+caller works on the current one; `restore_run` gives one run's params at
+one step by its global run index.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from icldyn import checkpoint as ckpt_lib
+from icldyn import config as config_lib
+from icldyn import workdir as wd_lib
+from icldyn.config import ConfigError
+
+# runs.csv columns that are bookkeeping rather than settings of a run.
+BOOKKEEPING = ("run", "group", "group_index", "status", "diverged_step")
+
+
+def config_from_json(resolved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config and grid axes of a config.json, rebuilt on `base_config()`.
+
+  Every field is set through `config.set_field`, so types match what
+  training used; a field the base config lacks (a study that added one)
+  falls back to a plain ConfigDict of the stored values.
+
+  Returns:
+    (config, grid axes).
+  """
+  stored = resolved["config"]
+  cfg = config_lib.base_config()
+  try:
+    for field, value in _leaves(stored):
+      if field == "grid":
+        value = tuple(value)
+      config_lib.set_field(cfg, field, value)
+  except ConfigError:
+    cfg = ml_collections.ConfigDict(stored)
+  return cfg, list(resolved.get("grid") or [])
+
+
+def _leaves(d: dict, prefix: str = ""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+@dataclasses.dataclass
+class Workdir:
+  """A trained workdir, as analysis sees it.
+
+  Attributes:
+    path: the directory.
+    config: the resolved base config.
+    axes: the grid axes.
+    runs: runs.csv rows (strings), in run order.
+    settings: the per-run setting columns of runs.csv (every column but
+      run, group, group_index, status, diverged_step).
+  """
+  path: str
+  config: ml_collections.ConfigDict
+  axes: list[str]
+  runs: list[dict[str, str]]
+  settings: list[str]
+  _prepared: Any = None
+
+  def prepared(self):
+    """The grid as `runner.prepare` builds it (cached; the first call takes seconds)."""
+    if self._prepared is None:
+      from icldyn import runner
+      self._prepared = runner.prepare(self.config, self.axes)
+      if self._prepared.num_runs != len(self.runs):
+        raise ConfigError("--workdir", f"config.json makes {self._prepared.num_runs} runs "
+                          f"but runs.csv lists {len(self.runs)}")
+    return self._prepared
+
+  def group_runs(self) -> dict[int, list[int]]:
+    """group → its global run indices, in group order."""
+    out: dict[int, list[int]] = collections.defaultdict(list)
+    for r in sorted(self.runs, key=lambda r: (int(r["group"]), int(r["group_index"]))):
+      out[int(r["group"])].append(int(r["run"]))
+    return dict(out)
+
+  def stream_steps(self, group: int) -> list[int]:
+    """Steps (sequences) of a group's checkpoint stream."""
+    return stream_steps(self.path, group)
+
+
+def open_workdir(path: str) -> Workdir:
+  """Reads config.json and runs.csv of a workdir (raises ConfigError if absent)."""
+  if not os.path.isdir(path):
+    raise ConfigError("--workdir", f"no such directory {path}")
+  for name in ("config.json", "runs.csv"):
+    if not os.path.isfile(os.path.join(path, name)):
+      raise ConfigError("--workdir", f"{path} has no {name}; is it an icldyn train workdir?")
+  with open(os.path.join(path, "config.json")) as f:
+    cfg, axes = config_from_json(json.load(f))
+  runs = wd_lib.read_csv(os.path.join(path, "runs.csv"))
+  runs.sort(key=lambda r: int(r["run"]))
+  settings = [c for c in (runs[0].keys() if runs else []) if c not in BOOKKEEPING]
+  return Workdir(path=path, config=cfg, axes=axes, runs=runs, settings=settings)
+
+
+# --------------------------------------------------------------------------
+# Metric curves.
+
+
+@dataclasses.dataclass
+class Curve:
+  """One run's curve: steps ascending, repeated steps resolved to the last write."""
+  steps: np.ndarray
+  values: np.ndarray
+
+
+def read_metrics(path: str, keep=None) -> dict[tuple[str, str], dict[int, Curve]]:
+  """Curves of metrics.csv.
+
+  Args:
+    path: the workdir.
+    keep: optional predicate `keep(evaluator, metric) -> bool` (reading only
+      what is needed keeps large files fast).
+
+  Returns:
+    {(evaluator, metric): {run: Curve}}; empty if there is no metrics.csv.
+  """
+  file = os.path.join(path, "metrics.csv")
+  if not os.path.isfile(file):
+    return {}
+  raw: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
+  decided: dict[tuple[str, str], bool] = {}
+  with open(file, newline="") as f:
+    reader = csv.reader(f)
+    next(reader, None)
+    for row in reader:
+      if len(row) != 5:
+        continue  # a torn last line of an interrupted run
+      key = (row[2], row[3])
+      ok = decided.get(key)
+      if ok is None:
+        ok = decided[key] = keep is None or bool(keep(*key))
+      if ok:
+        raw.setdefault(key, {}).setdefault(int(row[1]), {})[int(row[0])] = float(row[4])
+  out = {}
+  for key, runs in raw.items():
+    out[key] = {}
+    for run, pts in runs.items():
+      steps = np.asarray(sorted(pts), np.int64)
+      out[key][run] = Curve(steps, np.asarray([pts[s] for s in steps.tolist()], np.float64))
+  return out
+
+
+def metric_names(path: str) -> set[tuple[str, str]]:
+  """The (evaluator, metric) pairs metrics.csv holds."""
+  names: set[tuple[str, str]] = set()
+
+  def note(evaluator: str, metric: str) -> bool:
+    names.add((evaluator, metric))
+    return False
+
+  read_metrics(path, keep=note)
+  return names
+
+
+# --------------------------------------------------------------------------
+# Checkpoints.
+
+
+def stream_steps(workdir: str, group: int) -> list[int]:
+  """Steps of a group's checkpoint stream (empty if it has none)."""
+  base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}", "stream")
+  if not os.path.isdir(base):
+    return []
+  store = ckpt_lib.Store(workdir, group, read_only=True)
+  try:
+    return store.stream_steps()
+  finally:
+    store.close()
+
+
+def stream(workdir: str, group: int = 0, steps: Sequence[int] | None = None,
+           prefetch: int = 2) -> Iterator[tuple[int, Any]]:
+  """Iterates `(step, stacked params [R, ...])` over a group's stream, lazily.
+
+  Restoring runs in a background thread, up to `prefetch` checkpoints ahead
+  (orbax and tensorstore release the GIL), so reading overlaps the caller's
+  work; at most `prefetch + 1` checkpoints are in memory.
+
+  Args:
+    workdir: the workdir.
+    group: the compile group.
+    steps: steps to read (default: every step of the stream).
+    prefetch: checkpoints restored ahead (0: restore in the caller's thread).
+  """
+  steps = list(stream_steps(workdir, group) if steps is None else steps)
+  if prefetch <= 0:
+    yield from _plain(workdir, group, steps)
+    return
+  q: queue.Queue = queue.Queue(maxsize=prefetch)
+  stop = threading.Event()
+
+  def work():
+    store = ckpt_lib.Store(workdir, group, read_only=True)
+    try:
+      for s in steps:
+        if stop.is_set():
+          return
+        q.put((s, _restore(store, s), None))
+    except BaseException as e:  # surfaced in the caller's thread
+      q.put((None, None, e))
+    finally:
+      store.close()
+    q.put(None)
+
+  thread = threading.Thread(target=work, name="icldyn-stream", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is None:
+        return
+      step, params, err = item
+      if err is not None:
+        raise err
+      yield step, params
+  finally:
+    stop.set()
+    while thread.is_alive():  # unblock a producer waiting on a full queue
+      try:
+        q.get(timeout=0.1)
+      except queue.Empty:
+        pass
+    thread.join()
+
+
+def _plain(workdir: str, group: int, steps: Sequence[int]):
+  store = ckpt_lib.Store(workdir, group, read_only=True)
+  try:
+    for s in steps:
+      yield s, _restore(store, s)
+  finally:
+    store.close()
+
+
+def _restore(store: ckpt_lib.Store, step: int) -> Any:
+  """Stacked params at `step` as numpy arrays."""
+  params = store.stream.restore(step, args=ocp.args.StandardRestore())
+  return jax.tree.map(np.asarray, params)
+
+
+def restore_run(workdir: str | Workdir, step: int, run: int) -> Any:
+  """The params of global run `run` at `step` sequences (numpy leaves)."""
+  wd = workdir if isinstance(workdir, Workdir) else open_workdir(workdir)
+  row = next((r for r in wd.runs if int(r["run"]) == run), None)
+  if row is None:
+    raise ValueError(f"no run {run} in {wd.path}")
+  return ckpt_lib.restore_run(wd.path, step, int(row["group"]), int(row["group_index"]))

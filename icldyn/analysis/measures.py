@@ -1,0 +1,443 @@
+"""Progress measures of checkpoints: one compiled program per group, vmapped over runs.
+
+This module owns what `icldyn analyze` computes from a checkpoint: which
+measures exist, the jitted function that evaluates them for every run of a
+group at one checkpoint, and the long-format row keys (`measure, layer,
+head, layer2, head2`) of every number it returns (docs/interfaces.md,
+`analysis/progress.csv`).
+
+Measures (`--measures` names; rows of progress.csv):
+
+| name | progress.csv measure | layer,head | layer2,head2 |
+|---|---|---|---|
+| `induction_strength` | `induction_strength` | last layer, each head | |
+| `prev_token` | `prev_token` | first layer, each head | |
+| `loss` | `loss`, `acc` | | |
+| `clamped` | `loss@{clamp}`, `acc@{clamp}` | | |
+| `composition` | `q_composition`, `k_composition`, `v_composition` | later head | earlier head |
+| `k_composition_svd_share` | `k_composition_svd_share.c{r}` | later head | earlier head |
+| `ov_copying` | `ov_copying` | last layer, each head | |
+
+The first four are data measures: means over a fixed evaluation batch, the
+first `size` sequences of the run's own `fsl_train` evaluation set (the
+same sequences `icldyn train` evaluates, so with `size = eval.size` they
+equal its `fsl_train` metrics). `induction_strength` and `prev_token` are
+`icldyn.metrics.induction_strength` / `prev_token_score`, the definitions
+training logs to metrics.csv. The rest are weight measures from
+`icldyn.analysis.weights`. Composition rows cover every pair of layers
+`layer2 < layer`; `c{r}` counts singular components of the earlier head's
+OV circuit from the largest.
+
+Measures and clamps are static (they key the compiled program); runs are a
+leading axis of params, batch and props, and the program is reused for
+every checkpoint of the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icldyn import clamps as clamps_lib
+from icldyn import config as config_lib
+from icldyn import data as data_lib
+from icldyn import metrics as metrics_lib
+from icldyn import train as train_lib
+from icldyn.analysis import weights
+
+log = logging.getLogger(__name__)
+
+DATA_MEASURES = ("induction_strength", "prev_token", "loss", "clamped")
+WEIGHT_MEASURES = ("composition", "k_composition_svd_share", "ov_copying")
+MEASURES = DATA_MEASURES + WEIGHT_MEASURES
+# `clamped` costs one forward pass per clamp per checkpoint, so it is asked for by name.
+DEFAULT_MEASURES = tuple(m for m in MEASURES if m != "clamped")
+# Data measures that `icldyn train` already logs at every evaluation (fsl_train metric
+# names): `analyze` reuses metrics.csv rather than recomputing them, unless asked by name.
+LOGGED_BY_TRAIN = {"induction_strength": ("induction_strength.h",),
+                   "prev_token": ("prev_token.h",), "loss": ("loss", "acc")}
+EVAL_SIZE = 256  # sequences in the analysis batch
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class RowKey(NamedTuple):
+  """The identifying columns of one progress.csv value (None = empty cell)."""
+  measure: str
+  layer: int | None = None
+  head: int | None = None
+  layer2: int | None = None
+  head2: int | None = None
+
+
+def default_clamps(spec) -> tuple[str, ...]:
+  """Named clamps (`icldyn.clamps.named_plan`) of the `clamped` measure.
+
+  Each last-layer head kept alone (`keep_head_{h}`), and, with two or more
+  layers, the first layer's values ablated with every pattern preserved
+  from an unclamped pass (`preserve_pattern_ablate_v_0`).
+  """
+  names = tuple(f"keep_head_{h}" for h in range(spec.num_heads))
+  return names + (("preserve_pattern_ablate_v_0",) if spec.num_layers >= 2 else ())
+
+
+# --------------------------------------------------------------------------
+# Array-level measures of one run (jax.numpy; vmap over runs).
+
+
+def induction_strength(pattern: jax.Array, classes: jax.Array) -> jax.Array:
+  """Mean induction strength of each head over a batch.
+
+  Args:
+    pattern: [B, H, T, T] attention pattern of a layer.
+    classes: [B, C+1] exemplar classes, query last.
+
+  Returns:
+    [H]; see `icldyn.metrics.induction_strength`.
+  """
+  return jnp.mean(metrics_lib.induction_strength(pattern, classes), axis=0)
+
+
+def prev_token(pattern: jax.Array) -> jax.Array:
+  """Mean chance-corrected previous-token score of each head over a batch.
+
+  Args:
+    pattern: [B, H, T, T].
+
+  Returns:
+    [H]; see `icldyn.metrics.prev_token_score`.
+  """
+  return jnp.mean(metrics_lib.prev_token_score(pattern), axis=0)
+
+
+def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Singular values and output directions of the OV circuit of every head of `layers`.
+
+  With `W_OV = v o = sum_r s_r u_r w_r^T`, the SVD is taken through thin QR
+  factors, `v = Q_v R_v`, `o^T = Q_o R_o`, so `W_OV = Q_v (R_v R_o^T) Q_o^T`
+  and only the `[dh, dh]` core is decomposed: `w_r = Q_o V[:, r]` from
+  `svd(R_v R_o^T) = U S V^T`. (A `[d, d]` SVD per head would dominate the
+  analysis on a CPU.) The core is formed as `(Q_v^T v)(Q_o^T o^T)^T`, which
+  equals `R_v R_o^T` but reads Q, so the three LAPACK calls (geqrf, orgqr,
+  gesdd) run one after another; see `LAPACK_NOTE`.
+
+  Args:
+    params: one run's params.
+    layers: layer indices.
+
+  Returns:
+    (s [len(layers), H, dh] descending, w [len(layers), H, dh, d]).
+  """
+  v = jnp.stack([jnp.moveaxis(params[f"layer_{l}"]["attn"]["w_v"], 1, 0) for l in layers])
+  o_t = jnp.stack([jnp.swapaxes(params[f"layer_{l}"]["attn"]["w_o"], 1, 2) for l in layers])
+  a = jnp.stack([v, o_t])                                          # [2, n, H, d, dh]
+  q, _ = jnp.linalg.qr(a)
+  r = jnp.einsum("xnhda,xnhdb->xnhab", q, a, precision=_HI)        # Q^T a = R
+  core = jnp.einsum("nhab,nhcb->nhac", r[0], r[1], precision=_HI)  # R_v R_o^T
+  _, s, vh = jnp.linalg.svd(core)
+  dirs = jnp.einsum("nhdb,nhrb->nhrd", q[1], vh, precision=_HI)   # w_r = Q_o V[:, r]
+  return s, dirs
+
+
+LAPACK_NOTE = """jaxlib's CPU LAPACK kernels (0.10) split a batch over XLA's intra-op
+thread pool and block a pool thread until the pieces finish; two such calls
+running at once on a pool of two threads (a 2-core machine) wait for each
+other forever. XLA runs independent operations of a program concurrently,
+so every LAPACK call here depends on the previous one through data, and the
+eigenvalues of `ov_copying` run as a separate program after the main one."""
+
+
+def shares_from_directions(s: jax.Array, dirs: jax.Array, late) -> jax.Array:
+  """K-composition share per singular component (Merullo et al.), for one layer pair.
+
+  Component r of earlier head i carries `s_r^2 ||W_QK^j w_r||^2` of
+  `||W_QK^j (W_OV^i)^T||_F^2 = sum_r s_r^2 ||W_QK^j w_r||^2` (the u_r are
+  orthonormal); the same numbers as `weights.k_composition_svd_shares`.
+
+  Args:
+    s: [H_early, dh] singular values of the earlier heads' OV circuits.
+    dirs: [H_early, dh, d] their output directions w_r.
+    late: the later layer's `attn` params.
+
+  Returns:
+    [H_late, H_early, dh] shares (sum 1 over the last axis; NaN where the
+    product is zero), components by decreasing singular value.
+  """
+  q = jnp.moveaxis(late["w_q"], 1, 0)                              # [Hl, d, dl]
+  k = jnp.moveaxis(late["w_k"], 1, 0)
+  kw = jnp.einsum("jda,ird->jira", k, dirs, precision=_HI)         # k_j^T w_r
+  qtq = jnp.einsum("jda,jdb->jab", q, q, precision=_HI)
+  read = jnp.einsum("jira,jab,jirb->jir", kw, qtq, kw, precision=_HI)
+  contrib = (s ** 2)[None] * read
+  return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
+
+
+def svd_shares(params, layers: tuple[int, int]) -> jax.Array:
+  """`weights.k_composition_svd_shares` of one layer pair, through `ov_directions`.
+
+  Args:
+    params: one run's params.
+    layers: (earlier layer, later layer).
+
+  Returns:
+    [H_late, H_early, dh_early].
+  """
+  s, dirs = ov_directions(params, [layers[0]])
+  return shares_from_directions(s[0], dirs[0], params[f"layer_{layers[1]}"]["attn"])
+
+
+def ov_copying(params, num_labels: jax.Array) -> jax.Array:
+  """Last-layer OV copying score of each head over the run's own labels.
+
+  `weights.ov_copying_score` over the first `num_labels` labels, with the
+  label count a traced per-run value: rows of the label embedding and
+  columns of the unembedding past it are zeroed, which only adds zero
+  eigenvalues to each head's label map and leaves the score unchanged.
+
+  Args:
+    params: one run's params.
+    num_labels: [] int, the run's label count.
+
+  Returns:
+    [H].
+  """
+  cap = params["embed_y"]["embedding"].shape[0]
+  keep = jnp.arange(cap) < num_labels
+  masked = dict(params)
+  masked["embed_y"] = {"embedding": jnp.where(keep[:, None], params["embed_y"]["embedding"], 0.0)}
+  masked["unembed"] = dict(params["unembed"],
+                           kernel=jnp.where(keep[None, :], params["unembed"]["kernel"], 0.0))
+  return weights.ov_copying_score(masked, layer=-1)
+
+
+# --------------------------------------------------------------------------
+# The program of a group.
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A group's compiled measure function and the row keys of its outputs.
+
+  Attributes:
+    fn: `fn(params, batch, props) -> {key: [R, ...]}` (params and props
+      with a leading run axis, batch [R, B, ...] or None); it runs compiled
+      programs, compiled on the first call. Run one call at a time
+      (block on its result before the next; see LAPACK_NOTE).
+    layout: `{key: [RowKey, ...]}` aligned with each output's trailing
+      axes, flattened in C order.
+    measures: the measures computed.
+    clamps: named clamps of the `clamped` measure.
+    needs_batch: whether fn reads the evaluation batch.
+  """
+  fn: Callable
+  layout: dict[str, list[RowKey]]
+  measures: tuple[str, ...]
+  clamps: tuple[str, ...]
+  needs_batch: bool
+
+
+def layer_pairs(num_layers: int) -> list[tuple[int, int]]:
+  """Every (earlier, later) pair of layers."""
+  return [(e, l) for l in range(num_layers) for e in range(l)]
+
+
+def make_layout(spec, measures: Sequence[str], clamps: Sequence[str]) -> dict[str, list[RowKey]]:
+  """Row keys of every output of `run_measures`, in its key order."""
+  nl, h, dh = spec.num_layers, spec.num_heads, spec.d_head
+  out: dict[str, list[RowKey]] = {}
+  if "induction_strength" in measures:
+    out["induction_strength"] = [RowKey("induction_strength", nl - 1, i) for i in range(h)]
+  if "prev_token" in measures:
+    out["prev_token"] = [RowKey("prev_token", 0, i) for i in range(h)]
+  if "loss" in measures:
+    out["loss"], out["acc"] = [RowKey("loss")], [RowKey("acc")]
+  if "clamped" in measures:
+    for c in clamps:
+      out[f"loss@{c}"], out[f"acc@{c}"] = [RowKey(f"loss@{c}")], [RowKey(f"acc@{c}")]
+  for e, l in layer_pairs(nl):
+    pairs = [(j, i) for j in range(h) for i in range(h)]
+    if "composition" in measures:
+      for kind in "qkv":
+        out[f"{kind}_composition/{e}/{l}"] = [RowKey(f"{kind}_composition", l, j, e, i)
+                                              for j, i in pairs]
+    if "k_composition_svd_share" in measures:
+      out[f"k_composition_svd_share/{e}/{l}"] = [
+          RowKey(f"k_composition_svd_share.c{r}", l, j, e, i) for j, i in pairs for r in range(dh)]
+  if "ov_copying" in measures:
+    out["ov_copying"] = [RowKey("ov_copying", nl - 1, i) for i in range(h)]
+  return out
+
+
+def run_measures(static: train_lib.Static, params, batch: data_lib.Batch | None,
+                 props: train_lib.Props, measures: Sequence[str],
+                 plans: Sequence[tuple[str, Any]] = ()) -> dict[str, jax.Array]:
+  """Every requested measure of one run at one checkpoint.
+
+  Args:
+    static: the group's static spec (its training clamp plan, if any, is
+      applied to the unclamped forward pass, as in evaluation).
+    params: one run's params.
+    batch: one run's evaluation batch ([B, ...] fields), or None when no
+      data measure is asked for.
+    props: one run's props.
+    measures: names from MEASURES.
+    plans: (name, plan) of the `clamped` measure.
+
+  Returns:
+    {key: array}, keys and shapes as `make_layout`.
+  """
+  spec = static.model
+  out = {}
+  if any(m in measures for m in ("induction_strength", "prev_token", "loss")):
+    logits, acts = train_lib.forward(static, params, batch, props, static.plan)
+    if "induction_strength" in measures:
+      out["induction_strength"] = induction_strength(
+          acts[f"layer_{spec.num_layers - 1}"]["attn"]["pattern"], batch.classes)
+    if "prev_token" in measures:
+      out["prev_token"] = prev_token(acts["layer_0"]["attn"]["pattern"])
+    if "loss" in measures:
+      terms = metrics_lib.per_sequence(logits, batch.labels)
+      out["loss"], out["acc"] = jnp.mean(terms["loss"]), jnp.mean(terms["correct"])
+  if "clamped" in measures:
+    for name, plan in plans:
+      logits, _ = plan.forward(spec, params, batch, props.data.num_labels, props.clamp)
+      terms = metrics_lib.per_sequence(logits, batch.labels)
+      out[f"loss@{name}"], out[f"acc@{name}"] = jnp.mean(terms["loss"]), jnp.mean(terms["correct"])
+  pairs = layer_pairs(spec.num_layers)
+  if "composition" in measures:
+    for e, l in pairs:
+      scores = weights.composition_scores(params, layers=(e, l))
+      for kind in "qkv":
+        out[f"{kind}_composition/{e}/{l}"] = scores[kind]
+  if "k_composition_svd_share" in measures and pairs:
+    early = sorted({e for e, _ in pairs})
+    s, dirs = ov_directions(params, early)
+    for e, l in pairs:
+      i = early.index(e)
+      out[f"k_composition_svd_share/{e}/{l}"] = shares_from_directions(
+          s[i], dirs[i], params[f"layer_{l}"]["attn"])
+  if "ov_copying" in measures:
+    out["ov_copying"] = ov_copying(params, props.data.num_labels)
+  return out
+
+
+def clamp_plans(spec, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+  """(name, plan) for each named clamp; empty when icldyn.clamps has no catalogue.
+
+  Raises:
+    ConfigError: an unknown name (from `clamps.named_plan`).
+  """
+  named_plan = getattr(clamps_lib, "named_plan", None)
+  if named_plan is None:
+    log.warning("measure 'clamped' skipped: icldyn.clamps has no named_plan yet")
+    return ()
+  return tuple((n, named_plan(n, spec)) for n in names)
+
+
+def make_program(static: train_lib.Static, measures: Sequence[str],
+                 clamps: Sequence[str] | None = None, chunk: int = 0) -> Program:
+  """The group's measure program (compiled on first call, then reused).
+
+  Args:
+    static: the group's static spec.
+    measures: names from MEASURES.
+    clamps: named clamps of the `clamped` measure (default: `default_clamps`).
+    chunk: runs evaluated together in the data measures (0: all runs in
+      one vmap). A `lax.map` over chunks of a few runs is faster on a CPU,
+      where many tiny batched matmuls are slow; results do not depend on it.
+
+  Returns:
+    A Program.
+  """
+  unknown = [m for m in measures if m not in MEASURES]
+  if unknown:
+    raise ValueError(f"unknown measures {unknown}; known: {', '.join(MEASURES)}")
+  spec = static.model
+  measures = tuple(m for m in MEASURES if m in measures)
+  if spec.num_layers < 2:
+    dropped = [m for m in measures if m in ("composition", "k_composition_svd_share")]
+    if dropped:
+      log.warning("measures %s skipped: the model has one layer", ", ".join(dropped))
+    measures = tuple(m for m in measures if m not in dropped)
+  names = tuple(clamps) if clamps is not None else default_clamps(spec)
+  plans = clamp_plans(spec, names) if "clamped" in measures else ()
+  if "clamped" in measures and not plans:
+    measures = tuple(m for m in measures if m != "clamped")
+  names = tuple(n for n, _ in plans)
+  needs_batch = any(m in DATA_MEASURES for m in measures)
+
+  # ov_copying's eigenvalues run as their own program, after the rest (LAPACK_NOTE).
+  main_measures = tuple(m for m in measures if m != "ov_copying")
+
+  def one(params, batch, props):
+    return run_measures(static, params, batch, props, main_measures, plans)
+
+  def main(params, batch, props):
+    if not chunk:
+      return jax.vmap(one)(params, batch, props)
+    return jax.lax.map(lambda a: one(*a), (params, batch, props), batch_size=chunk)
+
+  main = jax.jit(main)
+  copying = jax.jit(jax.vmap(ov_copying))
+
+  def fn(params, batch, props):
+    out = main(params, batch, props) if main_measures else {}
+    if "ov_copying" in measures:
+      jax.block_until_ready(out)
+      out = {**out, "ov_copying": copying(params, props.data.num_labels)}
+    return out
+
+  return Program(fn=fn, layout=make_layout(spec, measures, names), measures=measures,
+                 clamps=names, needs_batch=needs_batch)
+
+
+# --------------------------------------------------------------------------
+# The evaluation batch.
+
+
+def fsl_train_spec(cfg) -> data_lib.SeqSpec:
+  """The fsl_train sampler of a group's config."""
+  return data_lib.seq_spec(cfg, "fsl_train", cfg.data.num_train_classes, cfg.data.noise > 0)
+
+
+def eval_batch(cfg, table: data_lib.Table, props: train_lib.Props, size: int = EVAL_SIZE):
+  """Each run's analysis batch: the first `size` sequences of its fsl_train evaluation set.
+
+  Sequence i of an evaluator's set uses `fold_in(key, i)` with the key
+  `evaluate_run` derives from the run's eval seed, so this batch is a prefix
+  of the set that training evaluates.
+
+  Args:
+    cfg: the group's config.
+    table: the group's class table.
+    props: stacked props [R, ...].
+    size: sequences per run.
+
+  Returns:
+    Batch with fields [R, size, ...] (numpy).
+  """
+  spec = fsl_train_spec(cfg)
+  index = config_lib.EVALUATORS.index("fsl_train")
+
+  def one(data_props, eval_seed, table):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(eval_seed),
+                                                train_lib._EVAL_STREAM), index)
+    return data_lib.sample_batch(key, table, data_props, spec, size)
+
+  return jax.device_get(jax.jit(jax.vmap(one, (0, 0, None)))(props.data, props.eval_seed, table))
+
+
+def rows_per_run(layout: dict[str, list[RowKey]]) -> int:
+  """progress.csv rows per run and checkpoint."""
+  return sum(len(v) for v in layout.values())
+
+
+def flatten(out: dict[str, np.ndarray], layout: dict[str, list[RowKey]]) -> np.ndarray:
+  """Host outputs {key: [R, ...]} → [R, rows_per_run] in layout order."""
+  cols = [np.asarray(out[k]).reshape(np.shape(out[k])[0], -1) for k in layout]
+  return np.concatenate(cols, axis=1) if cols else np.zeros((0, 0), np.float32)

@@ -1,0 +1,58 @@
+"""End to end: `icldyn train` on the paper study's smoke variant, then analyze and plot."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _icldyn(*args, env_extra=None):
+  env = dict(os.environ, ICLDYN_COMPILATION_CACHE=os.path.join(ROOT, ".jax_cache"))
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "icldyn", *args], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("smoke") / "wd"
+  out = _icldyn("train", "--config", "experiments/ih_paper.py:smoke", "--workdir", str(wd))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "seq/s/run" in out.stderr  # progress line
+  return wd, out
+
+
+def test_train_writes_every_output(smoke_dir):
+  wd, _ = smoke_dir
+  for name in ("config.json", "runs.csv", "metrics.csv", "checkpoints/g0/stream",
+               "checkpoints/g0/resume", "tb/run_0"):
+    assert (wd / name).exists(), name
+  rows = list(csv.DictReader(open(wd / "metrics.csv")))
+  evaluators = {r["evaluator"] for r in rows}
+  assert {"train", "fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class",
+          "fsl_train@keep_head_0", "fsl_train@ablate_head_1_0"} <= evaluators
+  assert os.listdir(wd / "tb" / "run_0")  # an event file
+
+
+def test_quiet_prints_no_progress(tmp_path):
+  out = _icldyn("train", "--config", "experiments/ih_paper.py:smoke", "--workdir",
+                str(tmp_path / "q"), "--quiet", "--config.train.num_sequences=64",
+                "--config.eval.clamps=")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "seq/s/run" not in out.stderr
+
+
+def test_analyze_and_plot(smoke_dir):
+  wd, _ = smoke_dir
+  out = _icldyn("analyze", "--workdir", str(wd))
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in ("progress.csv", "phase_changes.csv", "summary.csv"):
+    assert (wd / "analysis" / name).exists(), name
+  out = _icldyn("plot", "--workdir", str(wd))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (wd / "report.md").exists()
+  assert any(p.suffix == ".png" for p in (wd / "plots").iterdir())
