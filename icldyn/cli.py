@@ -3,6 +3,7 @@
     icldyn train   --config STUDY.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]
                    [--grid FIELD=V1,V2,... ...] [--quiet] [--overwrite]
     icldyn analyze --workdir DIR [--measures M,...] [--curve EVALUATOR/METRIC ...]
+    icldyn densify --workdir DIR [--window auto|START:END] [--num N]
     icldyn plot    --workdir DIR [--pdf]
     icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
     icldyn toy     --config experiments/toy.py[:smoke] --workdir DIR
@@ -69,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
   a.add_argument("--measures", default=None, help="comma-separated measures (default: all)")
   a.add_argument("--curve", action="append", default=[], help="EVALUATOR/METRIC to time")
   a.add_argument("--quiet", action="store_true")
+
+  dn = sub.add_parser("densify", help="re-run around each transition, saving dense checkpoints")
+  dn.add_argument("--workdir", required=True)
+  dn.add_argument("--window", default="auto", help="'auto' or START:END in sequences")
+  dn.add_argument("--num", type=int, default=32, help="dense checkpoints per window")
+  dn.add_argument("--curve", default="fsl_train/loss")
+  dn.add_argument("--quiet", action="store_true")
 
   pl = sub.add_parser("plot", help="figures and report.md of a workdir")
   pl.add_argument("--workdir", required=True)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     _setup_logging(getattr(args, "quiet", False))
-    if args.command in ("train", "demo", "paper", "analyze"):
+    if args.command in ("train", "demo", "paper", "analyze", "densify"):
       _enable_compilation_cache()
     if overrides and args.command != "train":
       raise ConfigError(overrides[0].split("=")[0], "--config.FIELD overrides apply to train only")
@@ -215,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_analyze(args)
     if args.command == "plot":
       return cmd_plot(args)
+    if args.command == "densify":
+      from icldyn.analysis import densify
+      out = densify.densify(args.workdir, args.window, args.num, args.curve, args.quiet)
+      print(f"icldyn: densify saved {out['saved']} checkpoint(s) in {out['seconds']:.0f}s",
+            file=sys.stderr)
+      return 0
     if args.command == "demo":
       return cmd_demo(args)
     if args.command == "toy":
