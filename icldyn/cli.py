@@ -141,10 +141,22 @@ def cmd_analyze(args) -> int:
   return 0
 
 
+def _attention(workdir: str) -> None:
+  """Writes analysis/attention_patterns.npz where the workdir has checkpoints."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  from icldyn.analysis import attention
+  try:
+    attention.write_attention_patterns(workdir)
+  except ConfigError as e:  # a workdir analysis cannot rebuild: draw the rest
+    logging.getLogger(__name__).info("Skipping attention patterns: %s", e)
+
+
 def cmd_plot(args) -> int:
   from icldyn import plots, report
   if not os.path.isdir(args.workdir):
     raise ConfigError("--workdir", f"no such directory {args.workdir}")
+  _attention(args.workdir)
   paths = plots.make_all(args.workdir, pdf=args.pdf)
   rep = report.write_report(args.workdir)
   print(f"icldyn: wrote {len(paths)} figure(s) under {os.path.join(args.workdir, 'plots')} "
@@ -163,6 +175,7 @@ def cmd_demo(args) -> int:
     print(f"icldyn: {e}; run `make demo` again to resume", file=sys.stderr)
     return EXIT_PREEMPTED
   command.analyze(args.workdir, quiet=args.quiet)
+  _attention(args.workdir)
   paths = plots.make_all(args.workdir)
   rep = report.write_report(args.workdir)
   print(f"\nicldyn demo: {summary['num_runs']} runs trained in {summary['seconds']:.0f}s.\n"

@@ -36,7 +36,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     toy: also run the toy model.
   """
   from icldyn import plots, report, runner
-  from icldyn.analysis import command
+  from icldyn.analysis import attention, command
   times = {}
   for study in studies:
     t0 = time.time()
@@ -48,6 +48,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
             file=sys.stderr, flush=True)
     runner.train(cfg, workdir, None, quiet=quiet)
     command.analyze(workdir, quiet=True)
+    attention.write_attention_patterns(workdir)
     plots.make_all(workdir)
     report.write_report(workdir)
     times[study] = time.time() - t0

@@ -1,0 +1,64 @@
+"""Attention patterns of one run at chosen checkpoints (before, during, after the transition).
+
+Writes `analysis/attention_patterns.npz` (keys `patterns [n_ckpt, L, H, T, T]`,
+`steps [n_ckpt]`, `run`), which `icldyn.plots.make_all` draws. Patterns are
+averaged over the run's first 256 fsl_train evaluation sequences.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icldyn import model as model_lib
+from icldyn.analysis import loader, measures
+
+OUTPUT = os.path.join("analysis", "attention_patterns.npz")
+
+
+def default_steps(workdir: str, run: int, steps: list[int]) -> list[int]:
+  """Three stream steps: first, nearest the run's threshold midpoint, last.
+
+  The midpoint comes from analysis/phase_changes.csv (curve fsl_train/loss,
+  estimator threshold); without one, the middle checkpoint is used.
+  """
+  mid = None
+  path = os.path.join(workdir, "analysis", "phase_changes.csv")
+  if os.path.exists(path):
+    for r in csv.DictReader(open(path)):
+      if (r.get("run") == str(run) and r.get("curve") == "fsl_train/loss"
+          and r.get("estimator") == "threshold" and r.get("crossed", "").lower() == "true"):
+        mid = float(r["midpoint"])
+  middle = steps[len(steps) // 2] if mid is None else min(steps, key=lambda s: abs(s - mid))
+  return sorted({steps[0], middle, steps[-1]})
+
+
+def write_attention_patterns(workdir: str, run: int = 0, steps: list[int] | None = None,
+                             size: int = 256) -> str | None:
+  """Computes and saves the patterns; returns the file path, or None without checkpoints."""
+  wd = loader.open_workdir(workdir)
+  row = next(r for r in wd.runs if int(r["run"]) == run)
+  group, index = int(row["group"]), int(row["group_index"])
+  available = wd.stream_steps(group)
+  if not available:
+    return None
+  steps = steps or default_steps(workdir, run, available)
+  pg = wd.prepared().groups[group]
+  props = jax.tree.map(lambda x: np.asarray(x)[index:index + 1], pg.props)
+  batch = jax.tree.map(lambda x: x[0], measures.eval_batch(pg.group.config, pg.table, props, size))
+  spec = pg.static.model
+
+  @jax.jit
+  def patterns(params):
+    _, acts = model_lib.apply(spec, params, batch.inputs, batch.labels, props.data.num_labels[0])
+    return jnp.stack([acts[f"layer_{l}"]["attn"]["pattern"].mean(0) for l in range(spec.num_layers)])
+
+  out = np.stack([np.asarray(patterns(loader.restore_run(wd, s, run))) for s in steps])
+  path = os.path.join(workdir, OUTPUT)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, patterns=out, steps=np.asarray(steps), run=np.int64(run))
+  return path

@@ -1,0 +1,18 @@
+"""`make paper-smoke`: every study's smoke variant, analysed and plotted, in one directory."""
+
+import os
+
+from icldyn import paper
+
+
+def test_paper_smoke(tmp_path):
+  times = paper.run_paper(str(tmp_path), "smoke", quiet=True)
+  assert set(times) == set(paper.STUDIES) | {"toy"}
+  for study in paper.STUDIES:
+    wd = tmp_path / study
+    for name in ("metrics.csv", "runs.csv", "analysis/phase_changes.csv", "report.md"):
+      assert (wd / name).exists(), f"{study}/{name}"
+    assert any(p.suffix == ".png" for p in (wd / "plots").iterdir()), study
+  runs = (tmp_path / "subcircuits" / "runs.csv").read_text()
+  assert "layer1_copy" in runs
+  assert (tmp_path / "toy" / "toy.png").exists()
