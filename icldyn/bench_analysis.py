@@ -105,12 +105,14 @@ def _write_metrics(path: str, runs: list[int], steps: list[int], heads: int, see
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m icldyn.bench_analysis", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m icldyn.bench_analysis",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--runs", type=int, default=64)
   p.add_argument("--checkpoints", type=int, default=200)
-  p.add_argument("--measures", default=None, help="as icldyn analyze --measures (default: defaults)")
+  p.add_argument("--measures", default=None,
+                 help="as icldyn analyze --measures (default: the defaults)")
   p.add_argument("--keep", default=None, help="build (or reuse) the workdir here and keep it")
-  args = p.parse_args(argv)
+  args = p.parse_args([] if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
   for noisy in ("absl", "orbax", "jax", "etils"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -142,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

@@ -238,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_plot(args)
     if args.command == "densify":
       from icldyn.analysis import densify
-      out = densify.densify(args.workdir, args.window, args.num, args.curve, args.quiet)
+      try:
+        out = densify.densify(args.workdir, args.window, args.num, args.curve, args.quiet)
+      except densify.NotReproduced as e:
+        print(f"icldyn: densify: the re-run did not reproduce the stored results ({e}); "
+              "nothing was written", file=sys.stderr)
+        return 1
       print(f"icldyn: densify saved {out['saved']} checkpoint(s) in {out['seconds']:.0f}s",
             file=sys.stderr)
       return 0

@@ -78,7 +78,8 @@ def test_analyze_writes_the_documented_files(trained, tmp_path):
   metrics = loader.read_metrics(wd)
   for r in progress:
     name = {"induction_strength": f"induction_strength.h{r['head']}",
-            "prev_token": f"prev_token.h{r['head']}", "loss": "loss", "acc": "acc"}.get(r["measure"])
+            "prev_token": f"prev_token.h{r['head']}", "loss": "loss",
+            "acc": "acc"}.get(r["measure"])
     if name is None:
       continue
     c = metrics[("fsl_train", name)][int(r["run"])]

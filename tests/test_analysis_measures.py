@@ -134,6 +134,16 @@ def test_clamped_perfect_induction_head_has_strength_one(group, kind, want):
     np.testing.assert_allclose(out["acc"][run], np.mean(np.argmax(q, -1) == target), atol=1e-7)
 
 
+def test_chunked_runs_give_the_same_numbers(group):
+  pg, params, batch = group
+  names = ["induction_strength", "loss"]
+  run = lambda chunk: jax.device_get(  # noqa: E731
+      measures.make_program(pg.static, names, chunk=chunk).fn(params, batch, pg.props))
+  whole, one = run(0), run(1)
+  for k in whole:
+    np.testing.assert_allclose(whole[k], one[k], rtol=1e-6, atol=1e-7)
+
+
 def test_clamped_previous_token_head_scores_one(group):
   pg, params, batch = group
   out, _ = _run(pg, params, batch, ["prev_token"], PatternPlan("prev", head=0))
@@ -174,8 +184,8 @@ def _zeros():
 
 def _weight_program(params_list, names):
   """Runs the weight measures of stacked hand-built params through a tiny group's program."""
-  pg = runner.prepare(tiny_config(), [f"seeds.init={','.join(str(i) for i in range(len(params_list)))}"]
-                      ).groups[0]
+  seeds = ",".join(str(i) for i in range(len(params_list)))
+  pg = runner.prepare(tiny_config(), [f"seeds.init={seeds}"]).groups[0]
   # Weight measures read only the attention, label embedding and unembedding.
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *params_list)
   program = measures.make_program(pg.static, names)
@@ -223,7 +233,8 @@ def test_svd_shares_match_weights_and_a_hand_built_circuit():
   e["w_v"][15, 0, 0], e["w_v"][14, 0, 1] = 1.0, 1.0
   e["w_o"][0, 0, 0], e["w_o"][0, 1, 1] = 2.0, 1.0
   l["w_k"][1, 0, 0], l["w_q"][3, 0, 0] = 1.0, 1.0
-  e["w_v"][:, 1], e["w_o"][1] = rand["layer_0"]["attn"]["w_v"][:, 1], rand["layer_0"]["attn"]["w_o"][1]
+  r0 = rand["layer_0"]["attn"]
+  e["w_v"][:, 1], e["w_o"][1] = r0["w_v"][:, 1], r0["w_o"][1]
   out, _ = _weight_program([rand, p], ["k_composition_svd_share"])
   shares = out["k_composition_svd_share/0/1"]
   want = weights.k_composition_svd_shares(jax.tree.map(jnp.asarray, rand))

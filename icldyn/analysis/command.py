@@ -1,9 +1,11 @@
 """`icldyn analyze`: progress measures over the checkpoint stream, phase-change timing, summaries.
 
-    analyze(workdir, measures=None, curves=None) writes
+    analyze(workdir, measures=None, curves=None) writes (docs/interfaces.md)
       DIR/analysis/progress.csv       step,run,measure,layer,head,layer2,head2,value
-      DIR/analysis/phase_changes.csv  run,<settings...>,curve,estimator,onset,midpoint,end,crossed,fit_r2
-      DIR/analysis/summary.csv        <settings...>,curve,estimator,timing,n_seeds,n_crossed,mean,std,ci_low,ci_high
+      DIR/analysis/phase_changes.csv  run,<settings...>,curve,estimator,
+                                      onset,midpoint,end,crossed,fit_r2
+      DIR/analysis/summary.csv        <settings...>,curve,estimator,timing,
+                                      n_seeds,n_crossed,mean,std,ci_low,ci_high
     and prints the order of events per setting.
 
 Progress measures (`icldyn.analysis.measures`) are computed by one compiled
@@ -12,18 +14,22 @@ stream is read. Measures training already logs at every evaluation
 (`fsl_train` induction strength and previous-token score) are reused from
 metrics.csv by default rather than recomputed.
 
-Curves. A curve spec is `SOURCE/NAME[:DIRECTION[:LEVEL]]`: SOURCE is an
-evaluator of metrics.csv or `progress` (progress.csv measures, named
+Curves. A curve spec is `SOURCE/NAME[:DIRECTION[:LEVEL[:CLIP]]]`: SOURCE
+is an evaluator of metrics.csv or `progress` (progress.csv measures, named
 `{measure}.l{layer}.h{head}` and, for head pairs, `.l{layer2}.h{head2}`
 after it). NAME may hold wildcards, and a NAME without them also matches
 its per-head children (`fsl_train/induction_strength` is every
-`induction_strength.h{h}`). Default direction and threshold level by name:
-losses fall to 0.4 ln 2; accuracies and probabilities rise to 0.8;
-everything else (induction strength, previous-token score, ...) rises to
-0.5. Default curves: `fsl_train/loss` and each head's induction strength
-(metrics.csv, else progress.csv). Each curve of each run is timed by every
-estimator of `icldyn.analysis.timing`; `summary.csv` groups runs by every
-setting except `seeds.*` (`icldyn.analysis.summary`).
+`induction_strength.h{h}`). Defaults by name: losses fall to 0.4 ln 2 and
+are clipped at ln 2 before timing (the loss first drops from ln(labels) to
+ln 2, the chance loss of the two labels in context, within a few thousand
+sequences; the phase change is the later drop from that plateau, and a
+single logistic fitted across both drops fits neither); accuracies and
+probabilities rise to 0.8; everything else (induction strength,
+previous-token score, ...) rises to 0.5, unclipped. Default curves:
+`fsl_train/loss` and each head's induction strength (metrics.csv, else
+progress.csv). Each curve of each run is timed by every estimator of
+`icldyn.analysis.timing`; `summary.csv` groups runs by every setting except
+`seeds.*` (`icldyn.analysis.summary`).
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ ESTIMATORS = ("threshold", "logistic", "steepest")
 # Which timings each estimator reports (the threshold crossing has no onset or end).
 TIMINGS = {"threshold": ("midpoint",), "logistic": ("onset", "midpoint", "end"),
            "steepest": ("onset", "midpoint", "end")}
-LOSS_LEVEL = 0.4 * math.log(2.0)
+CHANCE_LOSS = math.log(2.0)  # two labels in context: the plateau before the phase change
+LOSS_LEVEL = 0.4 * CHANCE_LOSS
 PROGRESS = "progress"
 
 
@@ -77,11 +84,14 @@ class CurveSpec:
     pattern: metric / measure name, fnmatch wildcards allowed.
     direction: 'down' or 'up'.
     level: threshold level.
+    clip: None, or a bound the curve is clipped to before timing (values
+      above it for 'down' curves, below it for 'up' curves).
   """
   source: str
   pattern: str
   direction: str
   level: float
+  clip: float | None = None
 
   @property
   def text(self) -> str:
@@ -95,39 +105,59 @@ class CurveSpec:
     return plain and (name.startswith(self.pattern + ".") or name.startswith(self.pattern + "@"))
 
 
-def default_direction(name: str) -> tuple[str, float]:
-  """(direction, threshold level) of a metric or measure by its name."""
+def default_direction(name: str) -> tuple[str, float, float | None]:
+  """(direction, threshold level, clip) of a metric or measure by its name."""
   base = name.split("/")[-1].split(".")[0].split("@")[0]
   if "loss" in base:
-    return "down", LOSS_LEVEL
+    return "down", LOSS_LEVEL, CHANCE_LOSS
   if base.startswith("acc") or base.startswith("p_"):
-    return "up", 0.8
-  return "up", 0.5
+    return "up", 0.8, None
+  return "up", 0.5, None
+
+
+def _number(text: str, what: str) -> float:
+  try:
+    v = float(text)
+  except ValueError as e:
+    raise ConfigError("--curve", f"{what} must be a number, got {text!r}") from e
+  if not math.isfinite(v):
+    raise ConfigError("--curve", f"{what} must be finite, got {text!r}")
+  return v
 
 
 def parse_curve(text: str) -> CurveSpec:
-  """Parses `SOURCE/NAME[:DIRECTION[:LEVEL]]` (raises ConfigError)."""
+  """Parses `SOURCE/NAME[:DIRECTION[:LEVEL[:CLIP]]]` (raises ConfigError).
+
+  CLIP is a number or 'none'; see the module docstring for the defaults.
+  """
   body, *opts = text.strip().split(":")
   source, sep, pattern = body.partition("/")
   if not sep or not source or not pattern:
-    raise ConfigError("--curve", f"expected EVALUATOR/METRIC[:up|down[:LEVEL]], got {text!r}")
-  direction, level = default_direction(pattern)
-  if len(opts) > 2:
+    raise ConfigError("--curve", "expected EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]], "
+                      f"got {text!r}")
+  direction, level, clip = default_direction(pattern)
+  if len(opts) > 3:
     raise ConfigError("--curve", f"too many ':' parts in {text!r}")
   if opts and opts[0]:
     if opts[0] not in ("up", "down"):
       raise ConfigError("--curve", f"direction must be 'up' or 'down', got {opts[0]!r}")
-    if opts[0] != direction and len(opts) < 2:
-      level = LOSS_LEVEL if opts[0] == "down" else 0.5
+    if opts[0] != direction:
+      level, clip = (LOSS_LEVEL if opts[0] == "down" else 0.5), None
     direction = opts[0]
-  if len(opts) == 2:
-    try:
-      level = float(opts[1])
-    except ValueError as e:
-      raise ConfigError("--curve", f"level must be a number, got {opts[1]!r}") from e
-    if not math.isfinite(level):
-      raise ConfigError("--curve", f"level must be finite, got {opts[1]!r}")
-  return CurveSpec(source, pattern, direction, level)
+  if len(opts) >= 2 and opts[1]:
+    level = _number(opts[1], "level")
+  if len(opts) == 3:
+    clip = None if opts[2].lower() == "none" else _number(opts[2], "clip")
+  return CurveSpec(source, pattern, direction, level, clip)
+
+
+def time_curve(steps: np.ndarray, values: np.ndarray, spec: CurveSpec,
+               estimators: Sequence[str] = ESTIMATORS) -> dict[str, timing_lib.Timing]:
+  """Every estimator's timing of one curve under a spec (clipped first, if it says so)."""
+  y = np.asarray(values, np.float64)
+  if spec.clip is not None:
+    y = np.minimum(y, spec.clip) if spec.direction == "down" else np.maximum(y, spec.clip)
+  return timing_lib.time_all(steps, y, estimators, direction=spec.direction, level=spec.level)
 
 
 def default_curves() -> list[CurveSpec]:
@@ -179,14 +209,12 @@ class _ProgressFile:
     self.tmp = f"{path}.tmp.{os.getpid()}"
     self.f = open(self.tmp, "w")
     self.f.write(",".join(PROGRESS_COLUMNS) + "\n")
-    self.rows = 0
 
   def write(self, step: int, prefixes: list[str], values: np.ndarray) -> None:
     """Rows `step,{prefix}{value}` for prefixes aligned with values.ravel()."""
     s = f"{step},"
     self.f.write("".join([s + p + ("%.9g" % v) + "\n"
                           for p, v in zip(prefixes, values.ravel().tolist())]))
-    self.rows += len(prefixes)
 
   def close(self) -> None:
     self.f.flush()
@@ -237,11 +265,10 @@ def _progress_group(wd: loader.Workdir, pg, program: measures_lib.Program, out: 
     result = program.fn(params, batch, props)  # dispatched asynchronously
     if pending is not None:
       flush(pending)  # formats the previous checkpoint while this one computes
-    # One execution in flight at a time (see measures._serial).
+    # One execution in flight at a time (see LAPACK in icldyn.analysis.measures).
     jax.block_until_ready(result)
     pending = (step, result)
     if n == 0:
-      jax.block_until_ready(result)
       log.info("group %d: measures compiled and first checkpoint done in %.1fs",
                pg.group.index, time.time() - t0)
   flush(pending)
@@ -304,9 +331,7 @@ def phase_rows(wd: loader.Workdir, curves: dict[str, tuple[CurveSpec, dict[int, 
       c = per_run.get(run)
       if c is None:
         continue
-      timings = timing_lib.time_all(c.steps, c.values, estimators, direction=spec.direction,
-                                    level=spec.level)
-      for est, t in timings.items():
+      for est, t in time_curve(c.steps, c.values, spec, estimators).items():
         rows.append({"run": run, **settings, "curve": name, "estimator": est,
                      "onset": t.onset, "midpoint": t.midpoint, "end": t.end,
                      "crossed": bool(t.crossed), "fit_r2": t.fit_r2})
@@ -348,55 +373,67 @@ def _fmt_time(v: float) -> str:
   return "-" if not math.isfinite(v) else f"{v:.3g}"
 
 
+ORDER_BY = ("logistic", "steepest", "threshold")  # which estimator's midpoint orders events
+
+
 def events_table(summary: list[dict[str, Any]], settings: Sequence[str], varying: Sequence[str],
                  max_lines: int = 60) -> str:
-  """The order of events per setting: midpoints by estimator, earliest first."""
+  """The order of events per setting, from summary rows.
+
+  One line per curve that some seed crossed: for each estimator, seeds
+  crossed / seeds and the mean midpoint (± std over seeds), with the
+  bootstrap 95% CI of the first estimator of ORDER_BY that timed it, which
+  also orders the lines.
+  """
   keys = [s for s in settings if not s.startswith("seeds.")]
-  mids = [r for r in summary if r["timing"] == "midpoint"]
   groups: dict[tuple, dict[str, dict[str, dict]]] = {}
-  for r in mids:
-    g = groups.setdefault(tuple(r[k] for k in keys), {})
-    g.setdefault(r["curve"], {})[r["estimator"]] = r
-  header = ["setting", "curve", "crossed", "threshold", "95% CI", "logistic", "steepest"]
+  for r in summary:
+    if r["timing"] == "midpoint":
+      g = groups.setdefault(tuple(r[k] for k in keys), {})
+      g.setdefault(r["curve"], {})[r["estimator"]] = r
+  ests = sorted({e for g in groups.values() for c in g.values() for e in c},
+                key=lambda e: ORDER_BY.index(e) if e in ORDER_BY else len(ORDER_BY))
+
+  def order(item):
+    for e in ORDER_BY:
+      v = item[1].get(e, {}).get("mean", math.nan)
+      if math.isfinite(v):
+        return (0, v)
+    return (1, 0.0)
+
   lines, hidden = [], 0
   for gkey, per_curve in groups.items():
     label = " ".join(f"{k}={v}" for k, v in zip(keys, gkey) if k in varying) or "all runs"
-
-    def first_time(item):
-      ests = item[1]
-      for e in ("threshold", "logistic", "steepest"):
-        v = ests.get(e, {}).get("mean", math.nan)
-        if math.isfinite(v):
-          return (0, v)
-      return (1, 0.0)
-
-    ordered = sorted(per_curve.items(), key=first_time)
-    shown = [(c, e) for c, e in ordered if any(x.get("n_crossed", 0) for x in e.values())]
-    hidden += len(ordered) - len(shown)
-    for i, (curve, ests) in enumerate(shown):
-      th = ests.get("threshold", {})
-      n = th.get("n_seeds", next(iter(ests.values()))["n_seeds"])
-      ci = (f"[{_fmt_time(th['ci_low'])}, {_fmt_time(th['ci_high'])}]"
-            if th and math.isfinite(th.get("ci_low", math.nan)) else "")
-      mean_std = _fmt_time(th.get("mean", math.nan))
-      if th and math.isfinite(th.get("std", math.nan)):
-        mean_std += f" ± {_fmt_time(th['std'])}"
-      lines.append([label if i == 0 else "", curve, f"{th.get('n_crossed', 0)}/{n}", mean_std, ci,
-                    _fmt_time(ests.get("logistic", {}).get("mean", math.nan)),
-                    _fmt_time(ests.get("steepest", {}).get("mean", math.nan))])
+    shown = [(c, e) for c, e in sorted(per_curve.items(), key=order)
+             if any(x.get("n_crossed", 0) for x in e.values())]
+    hidden += len(per_curve) - len(shown)
+    for i, (curve, per_est) in enumerate(shown):
+      cells = [label if i == 0 else "", curve]
+      for e in ests:
+        r = per_est.get(e)
+        if r is None:
+          cells.append("")
+          continue
+        cell = f"{r['n_crossed']}/{r['n_seeds']} {_fmt_time(r['mean'])}"
+        if math.isfinite(r["std"]):
+          cell += f" ± {_fmt_time(r['std'])}"
+        cells.append(cell)
+      first = next((per_est[e] for e in ORDER_BY if e in per_est
+                    and math.isfinite(per_est[e]["mean"])), None)
+      cells.append(f"[{_fmt_time(first['ci_low'])}, {_fmt_time(first['ci_high'])}]"
+                   if first and math.isfinite(first["ci_low"]) else "")
+      lines.append(cells)
     if not shown:
-      lines.append([label, "(no transition)", "", "", "", "", ""])
-  text = ["Phase changes: midpoint in training sequences, mean over seeds that crossed "
-          "(threshold ± std, bootstrap 95% CI), earliest first"]
-  if len(lines) > max_lines:
-    text_lines, cut = lines[:max_lines], len(lines) - max_lines
-  else:
-    text_lines, cut = lines, 0
-  widths = [max(len(h), *(len(l[i]) for l in text_lines)) if text_lines else len(h)
-            for i, h in enumerate(header)]
+      lines.append([label, "(no transition)"] + [""] * (len(ests) + 1))
+  header = ["setting", "curve", *ests, "95% CI"]
+  cut = max(0, len(lines) - max_lines)
+  lines = lines[:max_lines]
+  widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
   fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-  text.append(fmt(header))
-  text += [fmt(l) for l in text_lines]
+  text = ["Phase changes: midpoint in training sequences, as seeds crossed/seeds and mean "
+          "± std over the seeds that crossed; in order of the " + "/".join(ORDER_BY) +
+          " midpoint (its bootstrap 95% CI last)", fmt(header)]
+  text += [fmt(l) for l in lines]
   if cut:
     text.append(f"... {cut} more lines in analysis/summary.csv")
   if hidden:
@@ -500,8 +537,8 @@ def _resolve_progress_curves(specs: Sequence[CurveSpec], programs, strict: bool
 def analyze(workdir: str, measures: str | Sequence[str] | None = None,
             curves: Sequence[str] | None = None, quiet: bool = False, *,
             eval_size: int = measures_lib.EVAL_SIZE, clamps: Sequence[str] | None = None,
-            estimators: Sequence[str] = ESTIMATORS, n_boot: int = 1000, chunk: int = 0,
-            out=None) -> dict[str, Any]:
+            estimators: Sequence[str] = ESTIMATORS, n_boot: int = 1000,
+            chunk: int | None = None, out=None) -> dict[str, Any]:
   """Progress measures, phase-change times and their summary for a workdir.
 
   Args:
@@ -519,7 +556,7 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
       `measures.default_clamps`).
     estimators: timing estimators.
     n_boot: bootstrap resamples of the summary's confidence intervals.
-    chunk: runs per vmap in data measures (0: all); see `measures.make_program`.
+    chunk: runs per vmap in data measures; see `measures.make_program`.
     out: stream for the table (default stdout).
 
   Returns:

@@ -14,7 +14,8 @@ so the re-run is the original run:
   evaluator's running means included) is compared with metrics.csv as
   written (9 significant digits), and at every stored stream checkpoint the
   parameters are compared bit for bit;
-* only if everything matches are the dense checkpoints moved into
+* only if everything matches are the dense checkpoints (sealed with their
+  manifests, as training seals its own) moved into
   `checkpoints/g{group}/stream/` (so `icldyn analyze` reads them) and the
   evaluations at the dense steps appended to metrics.csv (every evaluator
   but `train`, whose running mean would cover a different span); otherwise
@@ -52,7 +53,6 @@ from icldyn import train as train_lib
 from icldyn import workdir as wd_lib
 from icldyn.analysis import command
 from icldyn.analysis import loader
-from icldyn.analysis import timing as timing_lib
 from icldyn.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def parse_window(window: str | tuple[int, int] | None) -> tuple[int, int] | None
 def transition_span(steps: np.ndarray, values: np.ndarray, spec: command.CurveSpec,
                     evals: np.ndarray) -> tuple[int, int] | None:
   """The stored evaluations (sequences) around a curve's transition, or None."""
-  t = timing_lib.time_all(steps, values, direction=spec.direction, level=spec.level)
+  t = command.time_curve(steps, values, spec)
   a = b = math.nan
   for est in ("logistic", "steepest", "threshold"):
     ti = t[est]
@@ -278,14 +278,12 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
   if gp.start > 0:
     store = ckpt_lib.Store(wd.path, g.index, read_only=True)
     try:
-      like = {"state": jax.device_get(state), "acc_loss": acc["loss"],
-              "acc_grad_norm": acc["grad_norm"], "acc_count": np.int64(0), "t": np.int64(0)}
-      restored = store.restore_state(gp.start * batch, like)
+      restored = store.restore_state(gp.start * batch, runner._resume_tree(state, acc, 0))
     finally:
       store.close()
     state = sharding_lib.shard_runs(restored["state"], mesh)
-    acc = {"loss": np.asarray(restored["acc_loss"]), "grad_norm": np.asarray(restored["acc_grad_norm"]),
-           "count": int(restored["acc_count"])}
+    acc = {"loss": np.asarray(restored["acc_loss"]),
+           "grad_norm": np.asarray(restored["acc_grad_norm"]), "count": int(restored["acc_count"])}
     t = int(restored["t"])
   chunk_c = runner._compile(chunk, state, props, table, 0, 1)
   eval_c = runner._compile(evaluate, state, props, table)
@@ -357,7 +355,7 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
     if t in stored or t in dense:
       params = jax.device_get(jax.tree.map(lambda x: x[:r], state.params))
     if t in stored:
-      want = store.stream.restore(t * batch, args=ocp.args.StandardRestore())
+      want = store.restore_params(t * batch)
       same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), want, params)
       if not all(jax.tree.leaves(same)):
         mismatches.append(f"stream checkpoint at {t * batch}: parameters differ")
@@ -365,6 +363,7 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
     elif t in dense:
       manager.save(t * batch, args=ocp.args.StandardSave(params))
       manager.wait_until_finished()
+      ckpt_lib.seal(os.path.join(staging, str(t * batch)))
       if t not in evals:
         out = jax.device_get(eval_c(state, props, table))
         for ev in sorted(out):

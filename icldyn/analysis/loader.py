@@ -22,7 +22,6 @@ from typing import Any, Iterator, Sequence
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from icldyn import checkpoint as ckpt_lib
 from icldyn import config as config_lib
@@ -167,18 +166,6 @@ def read_metrics(path: str, keep=None) -> dict[tuple[str, str], dict[int, Curve]
   return out
 
 
-def metric_names(path: str) -> set[tuple[str, str]]:
-  """The (evaluator, metric) pairs metrics.csv holds."""
-  names: set[tuple[str, str]] = set()
-
-  def note(evaluator: str, metric: str) -> bool:
-    names.add((evaluator, metric))
-    return False
-
-  read_metrics(path, keep=note)
-  return names
-
-
 # --------------------------------------------------------------------------
 # Checkpoints.
 
@@ -199,9 +186,12 @@ def stream(workdir: str, group: int = 0, steps: Sequence[int] | None = None,
            prefetch: int = 2) -> Iterator[tuple[int, Any]]:
   """Iterates `(step, stacked params [R, ...])` over a group's stream, lazily.
 
-  Restoring runs in a background thread, up to `prefetch` checkpoints ahead
-  (orbax and tensorstore release the GIL), so reading overlaps the caller's
-  work; at most `prefetch + 1` checkpoints are in memory.
+  Restoring (after checking each step against its manifest, as
+  `checkpoint.Store.restore_params` does) runs in a background thread, up to
+  `prefetch` checkpoints ahead (hashing, orbax and tensorstore release the
+  GIL), so reading overlaps the caller's work; at most `prefetch + 1`
+  checkpoints are in memory. A damaged checkpoint raises
+  `checkpoint.CheckpointDamaged` in the caller's thread.
 
   Args:
     workdir: the workdir.
@@ -260,9 +250,12 @@ def _plain(workdir: str, group: int, steps: Sequence[int]):
 
 
 def _restore(store: ckpt_lib.Store, step: int) -> Any:
-  """Stacked params at `step` as numpy arrays."""
-  params = store.stream.restore(step, args=ocp.args.StandardRestore())
-  return jax.tree.map(np.asarray, params)
+  """Stacked params at `step` as numpy arrays, checked against the step's manifest.
+
+  Raises:
+    checkpoint.CheckpointDamaged: naming the step and path of a damaged checkpoint.
+  """
+  return jax.tree.map(np.asarray, store.restore_params(step))
 
 
 def restore_run(workdir: str | Workdir, step: int, run: int) -> Any:

@@ -31,6 +31,21 @@ OV circuit from the largest.
 Measures and clamps are static (they key the compiled program); runs are a
 leading axis of params, batch and props, and the program is reused for
 every checkpoint of the group.
+
+Cost on a 2-core CPU, paper model, 64 runs: the weight measures take about
+0.05 s per checkpoint; a forward pass over 256 sequences per run about
+0.3-0.5 s (tiny batched matmuls are slow there), and `clamped` needs one per
+clamp. Hence the defaults: every measure but `clamped`, with the data
+measures training already logs taken from metrics.csv (`LOGGED_BY_TRAIN`).
+
+LAPACK. jaxlib's CPU LAPACK kernels (0.10) split a batch over XLA's
+intra-op thread pool and block a pool thread until the pieces finish; two
+such calls running at once on a pool of two threads (a 2-core machine)
+wait for each other forever, and XLA runs independent operations of a
+program concurrently (an `optimization_barrier` does not order them). So
+here every LAPACK call depends on the previous one through data (QR, then
+the SVD of a core formed from Q), `ov_copying`'s eigenvalues run as a
+program of their own after the rest, and a Program's calls must not overlap.
 """
 
 from __future__ import annotations
@@ -124,7 +139,7 @@ def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
   `svd(R_v R_o^T) = U S V^T`. (A `[d, d]` SVD per head would dominate the
   analysis on a CPU.) The core is formed as `(Q_v^T v)(Q_o^T o^T)^T`, which
   equals `R_v R_o^T` but reads Q, so the three LAPACK calls (geqrf, orgqr,
-  gesdd) run one after another; see `LAPACK_NOTE`.
+  gesdd) run one after another (see LAPACK in the module docstring).
 
   Args:
     params: one run's params.
@@ -142,14 +157,6 @@ def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
   _, s, vh = jnp.linalg.svd(core)
   dirs = jnp.einsum("nhdb,nhrb->nhrd", q[1], vh, precision=_HI)   # w_r = Q_o V[:, r]
   return s, dirs
-
-
-LAPACK_NOTE = """jaxlib's CPU LAPACK kernels (0.10) split a batch over XLA's intra-op
-thread pool and block a pool thread until the pieces finish; two such calls
-running at once on a pool of two threads (a 2-core machine) wait for each
-other forever. XLA runs independent operations of a program concurrently,
-so every LAPACK call here depends on the previous one through data, and the
-eigenvalues of `ov_copying` run as a separate program after the main one."""
 
 
 def shares_from_directions(s: jax.Array, dirs: jax.Array, late) -> jax.Array:
@@ -227,7 +234,7 @@ class Program:
     fn: `fn(params, batch, props) -> {key: [R, ...]}` (params and props
       with a leading run axis, batch [R, B, ...] or None); it runs compiled
       programs, compiled on the first call. Run one call at a time
-      (block on its result before the next; see LAPACK_NOTE).
+      (block on its result before the next; see LAPACK in the module docstring).
     layout: `{key: [RowKey, ...]}` aligned with each output's trailing
       axes, flattened in C order.
     measures: the measures computed.
@@ -340,7 +347,7 @@ def clamp_plans(spec, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 
 def make_program(static: train_lib.Static, measures: Sequence[str],
-                 clamps: Sequence[str] | None = None, chunk: int = 0) -> Program:
+                 clamps: Sequence[str] | None = None, chunk: int | None = None) -> Program:
   """The group's measure program (compiled on first call, then reused).
 
   Args:
@@ -348,8 +355,9 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
     measures: names from MEASURES.
     clamps: named clamps of the `clamped` measure (default: `default_clamps`).
     chunk: runs evaluated together in the data measures (0: all runs in
-      one vmap). A `lax.map` over chunks of a few runs is faster on a CPU,
-      where many tiny batched matmuls are slow; results do not depend on it.
+      one vmap; None: 8 on a CPU, else 0). A `lax.map` over chunks of a few
+      runs is about twice as fast on a CPU, where many tiny batched matmuls
+      are slow; results do not depend on it.
 
   Returns:
     A Program.
@@ -370,8 +378,10 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
     measures = tuple(m for m in measures if m != "clamped")
   names = tuple(n for n, _ in plans)
   needs_batch = any(m in DATA_MEASURES for m in measures)
+  if chunk is None:
+    chunk = 8 if jax.default_backend() == "cpu" else 0
 
-  # ov_copying's eigenvalues run as their own program, after the rest (LAPACK_NOTE).
+  # ov_copying's eigenvalues run as their own program, after the rest (see LAPACK above).
   main_measures = tuple(m for m in measures if m != "ov_copying")
 
   def one(params, batch, props):
