@@ -150,12 +150,12 @@ def _step_axis(ax: Any, log: bool) -> None:
     ax.ticklabel_format(axis='x', style='sci', scilimits=(-3, 4))
 
 
-def _legend_width(labels: Sequence[str]) -> float:
+def _legend_width(labels: Sequence[str], cap: float = 2.8) -> float:
   """Inches to reserve right of the panels for a legend of these labels."""
   if not labels:
     return 0.0
   longest = max(len(s) for s in labels[:_MAX_LEGEND])
-  return min(0.5 + 0.052 * longest, 2.8)
+  return min(0.5 + 0.052 * longest, cap)
 
 
 def _legend(fig: Any, handles: Sequence[Any], labels: Sequence[str],
@@ -702,17 +702,23 @@ def timing_vs_data_figure(
                               mec='0.3'), 'never crossed (at top)')
   # Each panel's lines are keyed by every other swept setting (the clamp
   # condition first), so a line never mixes points of different settings.
+  # `clamps` is a readable summary of the clamp.* fields: when those vary,
+  # keying lines by it too would only repeat them.
+  clamp_fields = any(s.startswith('clamp.') and _varying(points, s) for s in settings)
+  keys = [s for s in settings if not (s == 'clamps' and clamp_fields)]
   panel_lines = [_timing_lines(points, axis, [
-      s for s in settings if s != axis and _varying(points, s)])
+      s for s in keys if s != axis and _varying(points, s)])
                  for axis in axes]
   legend_w = _legend_width([l for lines in panel_lines for l in lines]
-                           + [never_note[1]])
+                           + [never_note[1]], cap=6.0)
+  # Each row is tall enough for its legend (about 0.15 in per entry).
+  entries = max([min(len(lines), _MAX_LEGEND) + 1 for lines in panel_lines] + [1])
+  row_h = max(_PANEL_H + 0.35, 0.15 * entries + 0.4)
 
   with _style():
     # One row per swept axis, each with its own legend: panels may key their
     # lines by different settings, so a shared legend would mislead.
-    fig = _new_figure(_PANEL_W * 1.2 + 0.3 + legend_w,
-                      len(axes) * (_PANEL_H + 0.35) + 0.2)
+    fig = _new_figure(_PANEL_W * 1.2 + 0.3 + legend_w, len(axes) * row_h + 0.2)
     rows = fig.subfigures(len(axes), 1, squeeze=False)[:, 0]
     panels = [row.subplots() for row in rows]
     for ax in panels[1:]:
