@@ -237,12 +237,27 @@ def test_svd_shares_match_weights_and_a_hand_built_circuit():
   e["w_v"][:, 1], e["w_o"][1] = r0["w_v"][:, 1], r0["w_o"][1]
   out, _ = _weight_program([rand, p], ["k_composition_svd_share"])
   shares = out["k_composition_svd_share/0/1"]
-  want = weights.k_composition_svd_shares(jax.tree.map(jnp.asarray, rand))
+  want = _svd_shares_reference(rand)
   np.testing.assert_allclose(shares[0], want, atol=2e-4)
   np.testing.assert_allclose(np.sum(shares[0], -1), 1.0, atol=1e-5)
   np.testing.assert_allclose(shares[1, 0, 0, :2], [0.0, 1.0], atol=1e-6)
-  np.testing.assert_allclose(measures.svd_shares(jax.tree.map(jnp.asarray, rand), (0, 1)), want,
-                             atol=2e-4)
+  np.testing.assert_allclose(weights.k_composition_svd_shares(jax.tree.map(jnp.asarray, rand)),
+                             want, atol=2e-4)
+
+
+def _svd_shares_reference(p):
+  """Shares from a full float64 SVD of each [d, d] W_OV (independent of the QR route)."""
+  e, l = p["layer_0"]["attn"], p["layer_1"]["attn"]
+  dh = e["w_v"].shape[2]
+  out = np.zeros((l["w_q"].shape[1], e["w_v"].shape[1], dh))
+  for i in range(e["w_v"].shape[1]):
+    w_ov = e["w_v"][:, i].astype(np.float64) @ e["w_o"][i].astype(np.float64)
+    _, s, vt = np.linalg.svd(w_ov)
+    for j in range(l["w_q"].shape[1]):
+      w_qk = l["w_q"][:, j].astype(np.float64) @ l["w_k"][:, j].astype(np.float64).T
+      c = s[:dh] ** 2 * np.sum((w_qk @ vt[:dh].T) ** 2, axis=0)
+      out[j, i] = c / c.sum()
+  return out
 
 
 def test_ov_copying_uses_only_the_runs_labels():

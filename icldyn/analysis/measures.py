@@ -78,7 +78,6 @@ LOGGED_BY_TRAIN = {"induction_strength": ("induction_strength.h",),
                    "prev_token": ("prev_token.h",), "loss": ("loss", "acc")}
 EVAL_SIZE = 256  # sequences in the analysis batch
 
-_HI = jax.lax.Precision.HIGHEST
 
 
 class RowKey(NamedTuple):
@@ -128,74 +127,6 @@ def prev_token(pattern: jax.Array) -> jax.Array:
     [H]; see `icldyn.metrics.prev_token_score`.
   """
   return jnp.mean(metrics_lib.prev_token_score(pattern), axis=0)
-
-
-def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """Singular values and output directions of the OV circuit of every head of `layers`.
-
-  With `W_OV = v o = sum_r s_r u_r w_r^T`, the SVD is taken through thin QR
-  factors, `v = Q_v R_v`, `o^T = Q_o R_o`, so `W_OV = Q_v (R_v R_o^T) Q_o^T`
-  and only the `[dh, dh]` core is decomposed: `w_r = Q_o V[:, r]` from
-  `svd(R_v R_o^T) = U S V^T`. (A `[d, d]` SVD per head would dominate the
-  analysis on a CPU.) The core is formed as `(Q_v^T v)(Q_o^T o^T)^T`, which
-  equals `R_v R_o^T` but reads Q, so the three LAPACK calls (geqrf, orgqr,
-  gesdd) run one after another (see LAPACK in the module docstring).
-
-  Args:
-    params: one run's params.
-    layers: layer indices.
-
-  Returns:
-    (s [len(layers), H, dh] descending, w [len(layers), H, dh, d]).
-  """
-  v = jnp.stack([jnp.moveaxis(params[f"layer_{l}"]["attn"]["w_v"], 1, 0) for l in layers])
-  o_t = jnp.stack([jnp.swapaxes(params[f"layer_{l}"]["attn"]["w_o"], 1, 2) for l in layers])
-  a = jnp.stack([v, o_t])                                          # [2, n, H, d, dh]
-  q, _ = jnp.linalg.qr(a)
-  r = jnp.einsum("xnhda,xnhdb->xnhab", q, a, precision=_HI)        # Q^T a = R
-  core = jnp.einsum("nhab,nhcb->nhac", r[0], r[1], precision=_HI)  # R_v R_o^T
-  _, s, vh = jnp.linalg.svd(core)
-  dirs = jnp.einsum("nhdb,nhrb->nhrd", q[1], vh, precision=_HI)   # w_r = Q_o V[:, r]
-  return s, dirs
-
-
-def shares_from_directions(s: jax.Array, dirs: jax.Array, late) -> jax.Array:
-  """K-composition share per singular component (Merullo et al.), for one layer pair.
-
-  Component r of earlier head i carries `s_r^2 ||W_QK^j w_r||^2` of
-  `||W_QK^j (W_OV^i)^T||_F^2 = sum_r s_r^2 ||W_QK^j w_r||^2` (the u_r are
-  orthonormal); the same numbers as `weights.k_composition_svd_shares`.
-
-  Args:
-    s: [H_early, dh] singular values of the earlier heads' OV circuits.
-    dirs: [H_early, dh, d] their output directions w_r.
-    late: the later layer's `attn` params.
-
-  Returns:
-    [H_late, H_early, dh] shares (sum 1 over the last axis; NaN where the
-    product is zero), components by decreasing singular value.
-  """
-  q = jnp.moveaxis(late["w_q"], 1, 0)                              # [Hl, d, dl]
-  k = jnp.moveaxis(late["w_k"], 1, 0)
-  kw = jnp.einsum("jda,ird->jira", k, dirs, precision=_HI)         # k_j^T w_r
-  qtq = jnp.einsum("jda,jdb->jab", q, q, precision=_HI)
-  read = jnp.einsum("jira,jab,jirb->jir", kw, qtq, kw, precision=_HI)
-  contrib = (s ** 2)[None] * read
-  return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
-
-
-def svd_shares(params, layers: tuple[int, int]) -> jax.Array:
-  """`weights.k_composition_svd_shares` of one layer pair, through `ov_directions`.
-
-  Args:
-    params: one run's params.
-    layers: (earlier layer, later layer).
-
-  Returns:
-    [H_late, H_early, dh_early].
-  """
-  s, dirs = ov_directions(params, [layers[0]])
-  return shares_from_directions(s[0], dirs[0], params[f"layer_{layers[1]}"]["attn"])
 
 
 def ov_copying(params, num_labels: jax.Array) -> jax.Array:
@@ -323,10 +254,10 @@ def run_measures(static: train_lib.Static, params, batch: data_lib.Batch | None,
         out[f"{kind}_composition/{e}/{l}"] = scores[kind]
   if "k_composition_svd_share" in measures and pairs:
     early = sorted({e for e, _ in pairs})
-    s, dirs = ov_directions(params, early)
+    s, dirs = weights.ov_directions(params, early)
     for e, l in pairs:
       i = early.index(e)
-      out[f"k_composition_svd_share/{e}/{l}"] = shares_from_directions(
+      out[f"k_composition_svd_share/{e}/{l}"] = weights.shares_from_directions(
           s[i], dirs[i], params[f"layer_{l}"]["attn"])
   if "ov_copying" in measures:
     out["ov_copying"] = ov_copying(params, props.data.num_labels)

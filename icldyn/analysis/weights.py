@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -288,24 +288,63 @@ def k_composition_svd_shares(
     `[H_late, H_early, dh_early]` shares, components in order of decreasing
     singular value.
   """
-  return _svd_shares_attn(_attn(params, layers[0]), _attn(params, layers[1]))
+  early = layer_indices(params)[layers[0]]
+  s, dirs = ov_directions(params, [early])
+  return shares_from_directions(s[0], dirs[0], _attn(params, layers[1]))
 
 
-@jax.jit
-def _svd_shares_attn(early: Mapping[str, jax.Array],
-                     late: Mapping[str, jax.Array]) -> jax.Array:
-  """`k_composition_svd_shares` of one pair of `attn` subtrees."""
-  dh_e = early['w_v'].shape[2]
-  _, w_ov = _qk_ov_attn(early)                            # [He, d, d]
-  _, s, vh = jnp.linalg.svd(w_ov, full_matrices=False)  # s [He, d]
-  s, out_dirs = s[:, :dh_e], vh[:, :dh_e, :]            # rows of vh: v_r
-  fl = _factors(late)
-  # W_QK^j v_r = q_j (k_j^T v_r), so
-  # ||W_QK^j v_r||^2 = (k_j^T v_r)^T (q_j^T q_j) (k_j^T v_r).
-  kv = jnp.einsum('jda,ird->jira', fl['k'], out_dirs, precision=_HI)
-  read = jnp.einsum('jira,jab,jirb->jir', kv, _gram_cols(fl['q']), kv,
-                    precision=_HI)
-  contrib = (s ** 2)[None] * read                        # [Hl, He, dh_e]
+def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Singular values and output directions of the OV circuit of every head of `layers`.
+
+  With `W_OV = v o = sum_r s_r u_r w_r^T`, the SVD is taken through thin QR
+  factors, `v = Q_v R_v`, `o^T = Q_o R_o`, so `W_OV = Q_v (R_v R_o^T) Q_o^T`
+  and only the `[dh, dh]` core is decomposed: `w_r = Q_o V[:, r]` from
+  `svd(R_v R_o^T) = U S V^T`. (A `[d, d]` SVD per head would dominate the
+  analysis on a CPU.) The core is formed as `(Q_v^T v)(Q_o^T o^T)^T`, which
+  equals `R_v R_o^T` but reads Q, so the three LAPACK calls (geqrf, orgqr,
+  gesdd) run one after another (see LAPACK in the module docstring).
+
+  Args:
+    params: one run's params.
+    layers: layer indices.
+
+  Returns:
+    (s [len(layers), H, dh] descending, w [len(layers), H, dh, d]).
+  """
+  params = _unwrap(params)
+  v = jnp.stack([jnp.moveaxis(params[f"layer_{l}"]["attn"]["w_v"], 1, 0) for l in layers])
+  o_t = jnp.stack([jnp.swapaxes(params[f"layer_{l}"]["attn"]["w_o"], 1, 2) for l in layers])
+  a = jnp.stack([v, o_t])                                          # [2, n, H, d, dh]
+  q, _ = jnp.linalg.qr(a)
+  r = jnp.einsum("xnhda,xnhdb->xnhab", q, a, precision=_HI)        # Q^T a = R
+  core = jnp.einsum("nhab,nhcb->nhac", r[0], r[1], precision=_HI)  # R_v R_o^T
+  _, s, vh = jnp.linalg.svd(core)
+  dirs = jnp.einsum("nhdb,nhrb->nhrd", q[1], vh, precision=_HI)   # w_r = Q_o V[:, r]
+  return s, dirs
+
+
+def shares_from_directions(s: jax.Array, dirs: jax.Array, late) -> jax.Array:
+  """K-composition share per singular component (Merullo et al.), for one layer pair.
+
+  Component r of earlier head i carries `s_r^2 ||W_QK^j w_r||^2` of
+  `||W_QK^j (W_OV^i)^T||_F^2 = sum_r s_r^2 ||W_QK^j w_r||^2` (the u_r are
+  orthonormal); what `k_composition_svd_shares` returns.
+
+  Args:
+    s: [H_early, dh] singular values of the earlier heads' OV circuits.
+    dirs: [H_early, dh, d] their output directions w_r.
+    late: the later layer's `attn` params.
+
+  Returns:
+    [H_late, H_early, dh] shares (sum 1 over the last axis; NaN where the
+    product is zero), components by decreasing singular value.
+  """
+  q = jnp.moveaxis(late["w_q"], 1, 0)                              # [Hl, d, dl]
+  k = jnp.moveaxis(late["w_k"], 1, 0)
+  kw = jnp.einsum("jda,ird->jira", k, dirs, precision=_HI)         # k_j^T w_r
+  qtq = jnp.einsum("jda,jdb->jab", q, q, precision=_HI)
+  read = jnp.einsum("jira,jab,jirb->jir", kw, qtq, kw, precision=_HI)
+  contrib = (s ** 2)[None] * read
   return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
 
 
