@@ -1,7 +1,5 @@
 """`python -m icldyn ...` is the `icldyn` command."""
 
-import sys
+from icldyn.cli import entry
 
-from icldyn.cli import main
-
-sys.exit(main())
+entry()

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dic
   with cfg.unlocked():
     cfg.train.scan_steps = 100
   pg = runner.prepare(cfg).groups[0]
-  mesh = sharding_lib.run_mesh()
+  mesh = sharding_lib.run_mesh(n_runs)
   rp = sharding_lib.padded_count(n_runs, mesh)
   props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)
   table = sharding_lib.replicate(pg.table, mesh)
@@ -70,19 +71,27 @@ def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dic
                               (0, 0, None)))
   cost = one_step.lower(state, props, table).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_step = float(cost.get("flops", 0.0))
+  # The analysis of a program sharded over the mesh counts one device's share.
+  flops_per_step = float(cost.get("flops", 0.0)) * mesh.devices.size
   state, out = chunk_c(state, props, table, 0, 100)  # warm-up
   jax.block_until_ready(out)
-  t0 = time.perf_counter()
+  # Median over chunks of 100 steps (and over 3 evaluations): the host may be
+  # shared, and a median is robust to another process taking a core for a while.
+  chunk_s = []
   done = 0
   while done < steps:
+    t0 = time.perf_counter()
     state, out = chunk_c(state, props, table, 100 + done, 100)
+    jax.block_until_ready(out)
+    chunk_s.append(time.perf_counter() - t0)
     done += 100
-  jax.block_until_ready(out)
-  train_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  jax.block_until_ready(eval_c(state, props, table))
-  eval_s = time.perf_counter() - t0
+  train_s = statistics.median(chunk_s) * len(chunk_s)
+  eval_times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    jax.block_until_ready(eval_c(state, props, table))
+    eval_times.append(time.perf_counter() - t0)
+  eval_s = statistics.median(eval_times)
   # Aggregate rate including one evaluation of 4 x 1000 sequences every 5000 sequences.
   eval_per_step = eval_s * batch / 5000
   return {
@@ -91,7 +100,34 @@ def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dic
       "run_steps_per_s_with_eval": n_runs * done / (train_s + eval_per_step * done),
       "gflops_per_s": flops_per_step * done / train_s / 1e9,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "devices": mesh.devices.size,
   }
+
+
+def bench_end_to_end(n_runs: int, sequences: int, batch: int) -> dict:
+  """`runner.train` of the paper model, everything included: evaluation every
+  5000 sequences, checkpoints every 10000, resume checkpoint, metrics files.
+
+  The program is compiled by a first, identical training into a scratch
+  persistent compilation cache; the timed second training loads it from there
+  (a second or two, counted in the time).
+  """
+  import tempfile
+  import jax
+  from icldyn import runner
+  cfg = _paper_config(n_runs, batch)
+  with cfg.unlocked():
+    cfg.train.num_sequences = sequences
+    cfg.checkpoint.every = 10_000
+    cfg.checkpoint.resume_every = sequences
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    runner.train(cfg, os.path.join(tmp, "warm"), quiet=True)
+    seconds = runner.train(cfg, os.path.join(tmp, "timed"), quiet=True)["seconds"]
+  steps = -(-sequences // batch)
+  return {"runs": n_runs, "run_steps_per_s_end_to_end": n_runs * steps / seconds,
+          "seconds": seconds}
 
 
 def bench_loop(steps: int, batch: int) -> float:
@@ -113,44 +149,67 @@ def bench_loop(steps: int, batch: int) -> float:
 
 
 def _child(args) -> None:
+  import jax
   if args.one == 0:
     out = {"loop_steps_per_s": bench_loop(args.steps, args.batch),
            "matmul_gflops": matmul_gflops()}
+  elif args.e2e_child:
+    out = bench_end_to_end(args.one, args.end_to_end, args.batch)
   else:
     out = bench_one(args.one, args.steps, args.batch, args.clamped)
+  out.setdefault("devices", len(jax.devices()))
   print("BENCH " + json.dumps(out))
 
 
-def _run_child(flag: list[str]) -> dict:
+def _run_child(flag: list[str], env: dict) -> dict:
   proc = subprocess.run([sys.executable, "-m", "icldyn.bench"] + flag, capture_output=True,
-                        text=True)
+                        text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith("BENCH "):
       return json.loads(line[6:])
   raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-2000:]}")
 
 
+def _row(label: str, r: dict, loop: float, peak: float) -> str:
+  return (f"{label:>9} {r['devices']:>4} {r['run_steps_per_s']:>12.0f} "
+          f"{r['run_steps_per_s_with_eval']:>9.0f} {r['run_steps_per_s'] / loop:>7.1f} "
+          f"{r['gflops_per_s']:>8.1f} {100 * r['gflops_per_s'] / peak:>8.1f}% "
+          f"{r['compile_s']:>10.1f} {r['peak_rss_mb']:>8.0f}")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--sizes", default="1,8,64,64c",
+  p.add_argument("--sizes", default="1,8,64,64c,256",
                  help="grid sizes; a trailing 'c' mixes 8 keep_head clamp settings")
+  p.add_argument("--batches", default="8,16,64,128",
+                 help="batch sizes (besides --batch) timed at 64 runs; '' for none")
   p.add_argument("--steps", type=int, default=300, help="timed steps per grid size")
   p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--end-to-end", type=int, default=40_000, metavar="SEQUENCES",
+                 help="sequences of the end-to-end 64-run training (0: skip)")
   p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--clamped", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--e2e-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--skip-analysis", action="store_true")
   args = p.parse_args(argv)
   if args.one is not None:
     _child(args)
     return
+  # Children run as the `icldyn` command does: one XLA CPU device per core
+  # (ICLDYN_CPU_DEVICES overrides); the loop baseline is one run on one device.
+  from icldyn import sharding
+  env = dict(os.environ)
+  sharding.configure_cpu_devices(env)
+  one_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   print(f"icldyn bench: paper model (2 layers, 8 heads, d_model 64, 512-dim inputs, context 2), "
         f"batch {args.batch}, {os.cpu_count()} CPU cores", flush=True)
-  base = _run_child(["--one", "0", "--steps", str(args.steps), "--batch", str(args.batch)])
+  base = _run_child(["--one", "0", "--steps", str(args.steps), "--batch", str(args.batch)],
+                    one_env)
   loop, peak = base["loop_steps_per_s"], base["matmul_gflops"]
   print(f"one run, one jitted step per Python iteration: {loop:.0f} steps/s; "
         f"float32 matmul: {peak:.1f} GFLOP/s", flush=True)
-  head = (f"{'runs':>5} {'run-steps/s':>12} {'w/ eval':>9} {'x loop':>7} {'GFLOP/s':>8} "
-          f"{'% matmul':>9} {'compile s':>10} {'peak MB':>8}")
+  head = (f"{'runs':>9} {'dev':>4} {'run-steps/s':>12} {'w/ eval':>9} {'x loop':>7} "
+          f"{'GFLOP/s':>8} {'% matmul':>9} {'compile s':>10} {'peak MB':>8}")
   print(head)
   print("-" * len(head))
   # 64c: 64 runs mixing 8 keep_head clamp settings in one program. A grid
@@ -160,11 +219,20 @@ def main(argv=None) -> None:
     clamped = size.endswith("c")
     n = int(size.rstrip("c"))
     r = _run_child(["--one", str(n), "--steps", str(args.steps), "--batch", str(args.batch)]
-                   + (["--clamped"] if clamped else []))
-    print(f"{size:>5} {r['run_steps_per_s']:>12.0f} {r['run_steps_per_s_with_eval']:>9.0f} "
-          f"{r['run_steps_per_s'] / loop:>7.1f} {r['gflops_per_s']:>8.1f} "
-          f"{100 * r['gflops_per_s'] / peak:>8.1f}% {r['compile_s']:>10.1f} "
-          f"{r['peak_rss_mb']:>8.0f}", flush=True)
+                   + (["--clamped"] if clamped else []), env)
+    print(_row(size, r, loop, peak), flush=True)
+  for b in [int(x) for x in args.batches.split(",") if x.strip()]:
+    # Run-steps of a different batch size are a different amount of work:
+    # the ratio to the loop is against the loop at batch 32.
+    r = _run_child(["--one", "64", "--steps", str(args.steps), "--batch", str(b)], env)
+    print(_row(f"64 b{b}", r, loop, peak), flush=True)
+  if args.end_to_end:
+    r = _run_child(["--one", "64", "--e2e-child", "--end-to-end", str(args.end_to_end),
+                    "--batch", str(args.batch)], env)
+    rate = r["run_steps_per_s_end_to_end"]
+    print(f"end to end, 64 runs x {args.end_to_end} sequences (runner.train: evaluation every "
+          f"5000 sequences, checkpoints, metrics): {rate:.0f} run-steps/s = {rate / loop:.1f} x "
+          f"loop ({r['seconds']:.1f} s, {r['devices']} devices)", flush=True)
   if not args.skip_analysis:
     try:
       from icldyn import bench_analysis

@@ -1138,7 +1138,8 @@ class _Context:
   def run(self, clamps: dict | None, params=None):
     from icldyn import model as model_lib
     return model_lib.apply(self.spec, self.params if params is None else params,
-                           self.batch.inputs, self.batch.labels, self.num_labels, clamps)
+                           self.batch.inputs, self.batch.labels, self.num_labels, clamps,
+                           self.batch.table_rows)
 
   @functools.cached_property
   def base(self) -> dict:

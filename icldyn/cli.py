@@ -266,3 +266,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def entry() -> None:
+  """The console script: one XLA CPU device per core (`sharding.configure_cpu_devices`), then `main`."""
+  from icldyn import sharding
+  try:
+    sharding.configure_cpu_devices()
+  except ValueError as e:
+    print(f"icldyn: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  sys.exit(main())

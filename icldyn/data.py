@@ -31,6 +31,18 @@ from icldyn.config import ConfigError
 TEST_CLASS_ID_OFFSET = 1_000_000  # class ids of Gaussian test classes (disjoint from train ids)
 
 
+class TableRows(NamedTuple):
+  """The exemplars of a batch as rows of a table: `inputs == x[index]`.
+
+  Attributes:
+    x: [R, D] the distinct exemplar rows the sampler draws from (None inside
+      `sample_sequence`, which only knows its own indices).
+    index: [B, C+1] int32 row of each exemplar.
+  """
+  x: jax.Array | None
+  index: jax.Array
+
+
 class Batch(NamedTuple):
   """A batch of sequences (see docs/interfaces.md).
 
@@ -38,10 +50,14 @@ class Batch(NamedTuple):
     inputs: [B, C+1, D] float32, context exemplars then the query exemplar.
     labels: [B, C+1] int32, context labels then the query's target label.
     classes: [B, C+1] int32, table rows of each exemplar, query last.
+    table_rows: optional `TableRows` with `inputs == table_rows.x[table_rows.index]`,
+      set when the sampler's spec asks for it (`SeqSpec.table_rows`): the model
+      then embeds the R rows instead of the B (C+1) tokens.
   """
   inputs: jax.Array
   labels: jax.Array
   classes: jax.Array
+  table_rows: TableRows | None = None
 
 
 class DataProps(NamedTuple):
@@ -91,6 +107,8 @@ class SeqSpec:
     pairs: 'train' | 'heldout' label-pair split.
     num_train_classes: class capacity N (offset of the test classes in the table).
     noise: whether any run of the group has input noise (else noise is skipped).
+    table_rows: attach `Batch.table_rows` (only without noise: a noisy
+      exemplar is no longer a table row).
   """
   context_len: int
   rest: str
@@ -100,6 +118,7 @@ class SeqSpec:
   pairs: str
   num_train_classes: int
   noise: bool
+  table_rows: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -399,7 +418,19 @@ def sample_sequence(key: jax.Array, table: Table, props: DataProps, spec: SeqSpe
     dim = inputs.shape[-1]
     inputs = inputs + props.noise * jax.random.normal(k_noise, inputs.shape) / np.sqrt(dim)
   labels = jnp.concatenate([slot_label, q_label[None]]).astype(jnp.int32)
-  return Batch(inputs=inputs, labels=labels, classes=classes.astype(jnp.int32))
+  rows = None
+  if spec.table_rows:
+    rows = TableRows(x=None, index=((classes - offset) * (hi - lo) + ex - lo).astype(jnp.int32))
+  return Batch(inputs=inputs, labels=labels, classes=classes.astype(jnp.int32), table_rows=rows)
+
+
+def table_rows_of(table: Table, spec: SeqSpec) -> jax.Array:
+  """The [R, D] exemplar rows `spec` draws from, in `TableRows.index` order."""
+  lo, hi = spec.exemplars
+  n = spec.num_train_classes if spec.classes == "train" else table.x.shape[0] - spec.num_train_classes
+  first = 0 if spec.classes == "train" else spec.num_train_classes
+  x = table.x[first:first + n, lo:hi]
+  return x.reshape((-1, x.shape[-1]))
 
 
 def sample_batch(key: jax.Array, table: Table, props: DataProps, spec: SeqSpec,
@@ -411,7 +442,10 @@ def sample_batch(key: jax.Array, table: Table, props: DataProps, spec: SeqSpec,
   """
   idx = first_index + jnp.arange(size, dtype=jnp.uint32)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
-  return jax.vmap(sample_sequence, (0, None, None, None))(keys, table, props, spec)
+  batch = jax.vmap(sample_sequence, (0, None, None, None))(keys, table, props, spec)
+  if spec.table_rows:
+    batch = batch._replace(table_rows=batch.table_rows._replace(x=table_rows_of(table, spec)))
+  return batch
 
 
 def mixture(key: jax.Array, batches: list[Batch], weights: jax.Array) -> Batch:

@@ -119,6 +119,34 @@ def sinusoidal(t: int, d: int) -> np.ndarray:
   return out
 
 
+# Below this many multiply-adds per (sequence, head) the attention products run
+# as broadcast-multiply-sum: XLA CPU lowers a batched dot to one tiny matrix
+# product per (run, sequence, head), ~1 us each, which made the 5x8x5 products
+# of the paper model 40 % of a grid step; the elementwise form fuses into a few
+# loops (docs/performance.md). Larger contexts keep the dot, whose broadcast
+# form would materialise [B, H, T, T, dh].
+_SMALL_ATTENTION = 4096
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Unscaled scores [B, H, Tq, Tk] of q, k [B, T, H, dh]."""
+  t, dh = q.shape[1], q.shape[-1]
+  if t * t * dh > _SMALL_ATTENTION:
+    return jnp.einsum("bqhe,bkhe->bhqk", q, k)
+  qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # [B, H, T, dh]
+  return jnp.sum(qh[:, :, :, None, :] * kh[:, :, None, :, :], axis=-1)
+
+
+def _mix(pattern: jax.Array, v: jax.Array) -> jax.Array:
+  """Head outputs z [B, T, H, dh] from pattern [B, H, T, T] and v [B, T, H, dh]."""
+  t, dh = v.shape[1], v.shape[-1]
+  if t * t * dh > _SMALL_ATTENTION:
+    return jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
+  vh = jnp.swapaxes(v, 1, 2)  # [B, H, T, dh]
+  z = jnp.sum(pattern[..., None] * vh[:, :, None, :, :], axis=3)  # [B, H, T, dh]
+  return jnp.swapaxes(z, 1, 2)
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention returning its intermediates."""
   spec: ModelSpec
@@ -148,14 +176,14 @@ class Attention(nn.Module):
     v = site("v", jnp.einsum("btd,dhe->bthe", x, w_v))
     t = x.shape[1]
     causal = np.tril(np.ones((t, t), bool))
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
+    scores = _scores(q, k) / np.sqrt(dh).astype(np.float32)
     if "temperature" in c:
       # Per-head temperature [1, H, 1, 1] (1 unless clamped): a site only when
       # clamped, so the unclamped program is unchanged; x / 1 is exact.
       scores = scores / site("temperature", jnp.ones((1, h, 1, 1), scores.dtype))
     scores = site("scores", jnp.where(causal, scores, -jnp.inf))
     pattern = site("pattern", jax.nn.softmax(scores, axis=-1))
-    z = site("z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
+    z = site("z", _mix(pattern, v))
     out = site("out", jnp.einsum("bqhe,hed->bqd", z, w_o))
     return out, acts
 
@@ -190,7 +218,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, labels: jax.Array, num_labels: jax.Array,
-               clamps: dict | None = None) -> tuple[jax.Array, dict[str, Any]]:
+               clamps: dict | None = None, table_rows=None) -> tuple[jax.Array, dict[str, Any]]:
     """Runs the model.
 
     Args:
@@ -198,6 +226,11 @@ class Transformer(nn.Module):
       labels: [B, C+1] int labels; the last (the query's target) is not read.
       num_labels: [] int, the run's label count; larger labels get -inf logits.
       clamps: optional clamp tree mirroring the activations.
+      table_rows: optional `data.TableRows` with `inputs == x[index]`. The
+        exemplar embedding is linear, so it is computed on the R rows and
+        gathered: the same values up to float rounding, and half the
+        embedding work or less when R < B (C+1) (the paper's task: 50 rows
+        against 96 tokens per batch of 32); `inputs` is then not read.
 
     Returns:
       logits [B, C+1, L] at exemplar positions, and the activation tree.
@@ -205,8 +238,12 @@ class Transformer(nn.Module):
     s = self.spec
     c = clamps or {}
     b, n, _ = inputs.shape
-    ex = nn.Dense(s.d_model, name="embed_x", kernel_init=nn.initializers.lecun_normal(),
-                  bias_init=nn.initializers.zeros)(inputs)  # [B, C+1, d]
+    embed_x = nn.Dense(s.d_model, name="embed_x", kernel_init=nn.initializers.lecun_normal(),
+                       bias_init=nn.initializers.zeros)
+    if table_rows is None:
+      ex = embed_x(inputs)  # [B, C+1, d]
+    else:
+      ex = embed_x(table_rows.x)[table_rows.index]  # [R, d] -> [B, C+1, d]
     lab = nn.Embed(s.num_labels, s.d_model, name="embed_y",
                    embedding_init=per_label_init(0.02, 0, corrected=False))(labels[:, :-1])  # [B, C, d]
     pairs = jnp.stack([ex[:, :-1], lab], axis=2).reshape(b, 2 * (n - 1), s.d_model)
@@ -242,6 +279,8 @@ def init_params(spec: ModelSpec, seed: jax.Array) -> dict:
 
 
 def apply(spec: ModelSpec, params: dict, inputs: jax.Array, labels: jax.Array,
-          num_labels: jax.Array, clamps: dict | None = None) -> tuple[jax.Array, dict]:
-  """Pure forward pass: `(logits [B, C+1, L], acts)`."""
-  return Transformer(spec).apply({"params": params}, inputs, labels, num_labels, clamps)
+          num_labels: jax.Array, clamps: dict | None = None,
+          table_rows=None) -> tuple[jax.Array, dict]:
+  """Pure forward pass: `(logits [B, C+1, L], acts)` (see `Transformer.__call__`)."""
+  return Transformer(spec).apply({"params": params}, inputs, labels, num_labels, clamps,
+                                 table_rows)

@@ -49,6 +49,7 @@ from icldyn import grid as grid_lib
 from icldyn import sharding as sharding_lib
 from icldyn import train as train_lib
 from icldyn import workdir as wd_lib
+from icldyn import xla_options
 from icldyn.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,9 @@ def threading_main() -> bool:
 
 def _compile(fn, *args, opt_level: int | None = None):
   """AOT-compiles a jitted function (optionally at a lower XLA optimisation level)."""
-  options = {} if opt_level is None else {"xla_backend_optimization_level": opt_level}
+  options = dict(xla_options.compiler_options(jax.default_backend()))
+  if opt_level is not None:
+    options["xla_backend_optimization_level"] = opt_level
   return fn.lower(*args).compile(compiler_options=options)
 
 
@@ -437,8 +440,8 @@ class _GroupRun:
     self.g, self.static = pg.group, pg.static
     self.store, self.metrics, self.tb, self.quiet, self.stop = store, metrics, tb, quiet, stop
     cfg = self.g.config
-    self.mesh = sharding_lib.run_mesh()
     self.r = len(self.g.runs)
+    self.mesh = sharding_lib.run_mesh(self.r)
     self.rp = sharding_lib.padded_count(self.r, self.mesh)
     self.props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, self.r, self.rp), self.mesh)
     self.table = sharding_lib.replicate(pg.table, self.mesh)

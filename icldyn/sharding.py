@@ -27,9 +27,47 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def run_mesh() -> Mesh:
-  """A 1-D mesh over all devices, axis name 'runs'."""
-  return Mesh(np.asarray(jax.devices()), (RUN_AXIS,))
+CPU_DEVICES_ENV = "ICLDYN_CPU_DEVICES"
+_FORCE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def configure_cpu_devices(environ=os.environ) -> int | None:
+  """Splits the host CPU into one XLA device per core (before JAX starts).
+
+  XLA CPU runs many of a grid step's small fused loops on one thread; with one
+  device per core, each core runs its share of the runs in parallel
+  (docs/performance.md: 1.2-1.4x on 2 cores). `ICLDYN_CPU_DEVICES=N` sets the
+  count (1 turns it off); an explicit `--xla_force_host_platform_device_count`
+  in XLA_FLAGS wins. Only the host platform is affected: on a GPU machine the
+  runs still go to the GPUs. Called by the `icldyn` command, not on import.
+
+  Returns:
+    The device count set, or None if left alone.
+  """
+  flags = environ.get("XLA_FLAGS", "")
+  if _FORCE_FLAG in flags:
+    return None
+  value = environ.get(CPU_DEVICES_ENV, "")
+  try:
+    n = int(value) if value else (os.cpu_count() or 1)
+  except ValueError:
+    raise ValueError(f"{CPU_DEVICES_ENV} must be a positive integer, got {value!r}") from None
+  if n < 1:
+    raise ValueError(f"{CPU_DEVICES_ENV} must be a positive integer, got {value!r}")
+  environ["XLA_FLAGS"] = f"{flags} {_FORCE_FLAG}={n}".strip()
+  return n
+
+
+def run_mesh(num_runs: int | None = None) -> Mesh:
+  """A 1-D mesh, axis name 'runs', over all devices (or the first `num_runs`).
+
+  A grid smaller than the device count uses that many devices instead of
+  padding every device with copies of its last run.
+  """
+  devices = jax.devices()
+  if num_runs is not None:
+    devices = devices[:max(1, min(num_runs, len(devices)))]
+  return Mesh(np.asarray(devices), (RUN_AXIS,))
 
 
 def padded_count(num_runs: int, mesh: Mesh) -> int:

@@ -97,7 +97,7 @@ def forward(static: Static, params, batch: data_lib.Batch, props: Props, plan=No
   """Logits and activations of one run's batch, under `plan`'s clamps if any."""
   if plan is None:
     return model_lib.apply(static.model, params, batch.inputs, batch.labels,
-                           props.data.num_labels)
+                           props.data.num_labels, table_rows=batch.table_rows)
   return plan.forward(static.model, params, batch, props.data.num_labels, props.clamp)
 
 
@@ -121,16 +121,13 @@ def train_batch(static: Static, table: data_lib.Table, props: Props, step) -> da
   return data_lib.sample_batch(key, table, props.data, static.train_seq, static.batch_size)
 
 
-def train_step(static: Static, table: data_lib.Table, state: TrainState, props: Props,
-               step) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-  """One optimizer step of one run.
-
-  A run whose loss, gradient or new parameters are not finite keeps its last
-  finite state from then on and records the step (its grid neighbours are
-  unaffected, since runs share no arrays).
+def candidate_step(static: Static, table: data_lib.Table, state: TrainState, props: Props,
+                   step) -> tuple[TrainState, jax.Array, tuple[jax.Array, jax.Array]]:
+  """One unguarded optimizer step of one run.
 
   Returns:
-    (new state, (loss, gradient norm)).
+    (new state, ok, (loss, gradient norm)): `ok` is False when the loss, the
+    gradient or the new parameters are not finite; `guard` decides what to keep.
   """
   batch = train_batch(static, table, props, step)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, static, batch, props)
@@ -142,15 +139,40 @@ def train_step(static: Static, table: data_lib.Table, state: TrainState, props: 
     updates = jax.tree.map(lambda u, p: u + props.weight_decay * p, updates, state.params)
   params = jax.tree.map(lambda p, u: p - props.learning_rate * u, state.params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(params))
-  keep = ok & ~state.diverged
-  pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
-  new_state = TrainState(
-      params=pick(params, state.params),
-      opt_state=pick(opt_state, state.opt_state),
-      diverged=state.diverged | ~ok,
-      diverged_step=jnp.where(state.diverged | ok, state.diverged_step,
+  return (TrainState(params, opt_state, state.diverged, state.diverged_step), ok,
+          (loss, gnorm))
+
+
+def guard(old: TrainState, new: TrainState, ok: jax.Array, step) -> TrainState:
+  """The divergence guard: a run that was or becomes non-finite keeps `old`.
+
+  Works per run or on a whole grid (a leading run axis on every leaf and `ok`).
+  """
+  keep = ok & ~old.diverged
+  def pick(n, o):
+    k = keep.reshape(keep.shape + (1,) * (n.ndim - keep.ndim))
+    return jnp.where(k, n, o)
+  return TrainState(
+      params=jax.tree.map(pick, new.params, old.params),
+      opt_state=jax.tree.map(pick, new.opt_state, old.opt_state),
+      diverged=old.diverged | ~ok,
+      diverged_step=jnp.where(old.diverged | ok, old.diverged_step,
                               jnp.asarray(step, jnp.int32) + 1))
-  return new_state, (loss, gnorm)
+
+
+def train_step(static: Static, table: data_lib.Table, state: TrainState, props: Props,
+               step) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """One optimizer step of one run.
+
+  A run whose loss, gradient or new parameters are not finite keeps its last
+  finite state from then on and records the step (its grid neighbours are
+  unaffected, since runs share no arrays).
+
+  Returns:
+    (new state, (loss, gradient norm)).
+  """
+  new, ok, out = candidate_step(static, table, state, props, step)
+  return guard(state, new, ok, step), out
 
 
 def evaluate_run(static: Static, table: data_lib.Table, params, props: Props) -> dict:
@@ -202,12 +224,22 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
     (state, (losses [S, R], grad norms [S, R])); evaluate(state, props, table) -> metrics.
   """
   run_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_lib.RUN_AXIS))
-  step_fn = jax.vmap(lambda st, pr, tb, t: train_step(static, tb, st, pr, t), (0, 0, None, None))
+  step_fn = jax.vmap(lambda st, pr, tb, t: candidate_step(static, tb, st, pr, t),
+                     (0, 0, None, None))
+
+  def grid_step(c, props, table, t):
+    # The guard's select is a pass over parameters and optimizer state; when
+    # every run of the grid is finite (the usual case) it would pick `new`
+    # everywhere, so it runs only when some run needs it. Same result bitwise.
+    new, ok, out = step_fn(c, props, table, t)
+    fine = jnp.all(ok & ~c.diverged)
+    state = lax.cond(fine, lambda n, o: n, lambda n, o: guard(o, n, ok, t), new, c)
+    return state, out
 
   def chunk(state, props, table, start, n):
     def body(carry, i):
       def run(c):
-        return step_fn(c, props, table, start + i)
+        return grid_step(c, props, table, start + i)
       def skip(c):
         r = c.diverged.shape[0]
         return c, (jnp.zeros((r,), jnp.float32), jnp.zeros((r,), jnp.float32))
@@ -271,13 +303,24 @@ def build_static(cfg, plan=None, eval_plans=()) -> Static:
       pos_embedding=m.pos_embedding, layer_norm=m.layer_norm, mlp_ratio=m.mlp_ratio,
       rope_base=m.rope_base)
   noise = d.noise > 0
-  evals = tuple((n, data_lib.seq_spec(cfg, n, d.num_train_classes, noise))
+  eval_batch = min(cfg.eval.batch, cfg.eval.size)
+
+  def with_rows(spec: data_lib.SeqSpec, batch: int) -> data_lib.SeqSpec:
+    # Embed table rows rather than tokens when there are fewer of them and no
+    # per-token noise (docs/performance.md): exact up to float rounding.
+    classes = d.num_train_classes if spec.classes == "train" else d.num_test_classes
+    rows = classes * (spec.exemplars[1] - spec.exemplars[0])
+    return dataclasses.replace(
+        spec, table_rows=not noise and rows <= batch * (d.context_len + 1))
+
+  evals = tuple((n, with_rows(data_lib.seq_spec(cfg, n, d.num_train_classes, noise), eval_batch))
                 for n in config_lib.eval_names(cfg))
   total = -(-t.num_sequences // t.batch_size)
   scan = t.scan_steps or max(1, min(total, -(-t.eval_every // t.batch_size), 200))
-  return Static(model=spec, train_seq=data_lib.seq_spec(cfg, "train", d.num_train_classes, noise),
+  train_seq = with_rows(data_lib.seq_spec(cfg, "train", d.num_train_classes, noise), t.batch_size)
+  return Static(model=spec, train_seq=train_seq,
                 evals=evals, batch_size=t.batch_size, eval_size=cfg.eval.size,
-                eval_batch=min(cfg.eval.batch, cfg.eval.size), optimizer=t.optimizer,
+                eval_batch=eval_batch, optimizer=t.optimizer,
                 b1=t.b1, b2=t.b2, eps=t.eps, scan_steps=scan, plan=plan, eval_plans=tuple(eval_plans),
                 clamp_evaluators=tuple(n.strip() for n in cfg.eval.clamp_evaluators.split(",")
                                        if n.strip()))

@@ -13,6 +13,9 @@ import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `icldyn` subprocesses use one CPU device, as in-process tests do, so their
+# results compare bitwise; multi-device tests set XLA_FLAGS themselves.
+os.environ.setdefault("ICLDYN_CPU_DEVICES", "1")
 jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

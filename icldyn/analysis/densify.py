@@ -264,8 +264,8 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
   batch = static.batch_size
   evals, ckpts, resumes, _ = _schedule(cfg, batch)
   runner_events = sorted(set(evals) | set(ckpts) | set(resumes))
-  mesh = sharding_lib.run_mesh()
   r = len(g.runs)
+  mesh = sharding_lib.run_mesh(r)
   rp = sharding_lib.padded_count(r, mesh)
   props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, r, rp), mesh)
   table = sharding_lib.replicate(pg.table, mesh)
