@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 from typing import Any, Iterable
 
 from icldyn import faults
@@ -147,6 +148,13 @@ class MetricsFile:
     faults.hit("after_metrics")
 
 
+def tensorboard_tag(tag: str) -> str:
+  """The tag as TensorBoard accepts it: characters outside [A-Za-z0-9_./-]
+  become '_' (`fsl_train@keep_head_3/loss` -> `fsl_train_keep_head_3/loss`),
+  as tensorboardX would do anyway, with a warning per name."""
+  return re.sub(r"[^A-Za-z0-9_./-]", "_", tag)
+
+
 class TensorBoard:
   """One tensorboardX writer per run under `tb/run_{i}`, opened lazily."""
 
@@ -176,7 +184,7 @@ class TensorBoard:
                                         purge_step=self.purge_from.get(run),
                                         filename_suffix=f".{os.getpid()}.{self.opened:06d}")
     if math.isfinite(value):
-      self.writers[run].add_scalar(tag, value, step)
+      self.writers[run].add_scalar(tensorboard_tag(tag), value, step)
 
   def flush(self) -> None:
     """Writes every queued event to disk (tensorboardX's own flush skips its queue).

@@ -132,3 +132,10 @@ runner.train(tiny_config(), {str(out)!r}, {AXES!r}, quiet=True)
   b = np.array([d[k] for k in m])
   # One run per device is a different vectorisation width (see above).
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_tensorboard_tags_are_legal_and_otherwise_unchanged():
+  from icldyn import workdir
+  assert workdir.tensorboard_tag("fsl_train@keep_head_3/loss") == "fsl_train_keep_head_3/loss"
+  for tag in ("fsl_train/induction_strength.h7", "train/grad_norm", "fsl_val_rl/acc"):
+    assert workdir.tensorboard_tag(tag) == tag
