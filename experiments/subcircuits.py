@@ -7,7 +7,8 @@ What it runs: one active layer-2 head (`clamp.keep_head=0`) and the six
 conditions `clamp.condition=none,prev_token,layer1,match,copy,layer1_copy`
 (see docs/clamps.md for each), in one grid. Paper variant: 6 conditions x 3
 seeds, 1e6 sequences; `cpu`: 6 x 2 at lr 5e-5, 2e5 sequences (measured 406 s on
-2 CPU cores); `smoke`: seconds. The paper variant has not been timed here.
+2 CPU cores); `smoke`: seconds. The paper variant trained in about 18 min on 2
+CPU cores (2026-11-22); no GPU was lent to time it.
 
 What the paper found: the induction-head phase change comes from three
 interacting sub-circuits (previous-token in layer 1; match, i.e. the layer-2

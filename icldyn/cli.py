@@ -268,11 +268,19 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
+# Commands that split the CPU into one device per core. The ones that
+# analyse keep one device, where the ordering of the analysis's LAPACK calls
+# (icldyn.analysis.measures, "LAPACK") was tested.
+MULTI_DEVICE_COMMANDS = ("train",)
+
+
 def entry() -> None:
-  """The console script: one XLA CPU device per core (`sharding.configure_cpu_devices`), then `main`."""
+  """The console script: for `train`, one XLA CPU device per core
+  (`sharding.configure_cpu_devices`); then `main`."""
   from icldyn import sharding
   try:
-    sharding.configure_cpu_devices()
+    if len(sys.argv) > 1 and sys.argv[1] in MULTI_DEVICE_COMMANDS:
+      sharding.configure_cpu_devices()
   except ValueError as e:
     print(f"icldyn: error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

@@ -39,7 +39,7 @@ def configure_cpu_devices(environ=os.environ) -> int | None:
   (docs/performance.md: 1.2-1.4x on 2 cores). `ICLDYN_CPU_DEVICES=N` sets the
   count (1 turns it off); an explicit `--xla_force_host_platform_device_count`
   in XLA_FLAGS wins. Only the host platform is affected: on a GPU machine the
-  runs still go to the GPUs. Called by the `icldyn` command, not on import.
+  runs still go to the GPUs. Called by `icldyn train`, not on import.
 
   Returns:
     The device count set, or None if left alone.
