@@ -268,9 +268,8 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-# Commands that split the CPU into one device per core. The ones that
-# analyse keep one device, where the ordering of the analysis's LAPACK calls
-# (icldyn.analysis.measures, "LAPACK") was tested.
+# Commands that split the CPU into one device per core (training, where it
+# pays: docs/performance.md). The analysing commands keep one device.
 MULTI_DEVICE_COMMANDS = ("train",)
 
 

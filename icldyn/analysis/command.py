@@ -265,8 +265,6 @@ def _progress_group(wd: loader.Workdir, pg, program: measures_lib.Program, out: 
     result = program.fn(params, batch, props)  # dispatched asynchronously
     if pending is not None:
       flush(pending)  # formats the previous checkpoint while this one computes
-    # One execution in flight at a time (see LAPACK in icldyn.analysis.measures).
-    jax.block_until_ready(result)
     pending = (step, result)
     if n == 0:
       log.info("group %d: measures compiled and first checkpoint done in %.1fs",

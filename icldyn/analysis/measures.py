@@ -38,14 +38,9 @@ Cost on a 2-core CPU, paper model, 64 runs: the weight measures take about
 clamp. Hence the defaults: every measure but `clamped`, with the data
 measures training already logs taken from metrics.csv (`LOGGED_BY_TRAIN`).
 
-LAPACK. jaxlib's CPU LAPACK kernels (0.10) split a batch over XLA's
-intra-op thread pool and block a pool thread until the pieces finish; two
-such calls running at once on a pool of two threads (a 2-core machine)
-wait for each other forever, and XLA runs independent operations of a
-program concurrently (an `optimization_barrier` does not order them). So
-here every LAPACK call depends on the previous one through data (QR, then
-the SVD of a core formed from Q), `ov_copying`'s eigenvalues run as a
-program of their own after the rest, and a Program's calls must not overlap.
+The SVD, QR and eigenvalue calls of the weight measures run on the host
+through numpy (`icldyn.analysis.host_linalg`): jaxlib's batched CPU LAPACK
+kernels can deadlock on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -163,9 +158,8 @@ class Program:
 
   Attributes:
     fn: `fn(params, batch, props) -> {key: [R, ...]}` (params and props
-      with a leading run axis, batch [R, B, ...] or None); it runs compiled
-      programs, compiled on the first call. Run one call at a time
-      (block on its result before the next; see LAPACK in the module docstring).
+      with a leading run axis, batch [R, B, ...] or None); one jitted program,
+      compiled on the first call.
     layout: `{key: [RowKey, ...]}` aligned with each output's trailing
       axes, flattened in C order.
     measures: the measures computed.
@@ -312,28 +306,15 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
   if chunk is None:
     chunk = 8 if jax.default_backend() == "cpu" else 0
 
-  # ov_copying's eigenvalues run as their own program, after the rest (see LAPACK above).
-  main_measures = tuple(m for m in measures if m != "ov_copying")
-
   def one(params, batch, props):
-    return run_measures(static, params, batch, props, main_measures, plans)
+    return run_measures(static, params, batch, props, measures, plans)
 
-  def main(params, batch, props):
+  def fn(params, batch, props):
     if not chunk:
       return jax.vmap(one)(params, batch, props)
     return jax.lax.map(lambda a: one(*a), (params, batch, props), batch_size=chunk)
 
-  main = jax.jit(main)
-  copying = jax.jit(jax.vmap(ov_copying))
-
-  def fn(params, batch, props):
-    out = main(params, batch, props) if main_measures else {}
-    if "ov_copying" in measures:
-      jax.block_until_ready(out)
-      out = {**out, "ov_copying": copying(params, props.data.num_labels)}
-    return out
-
-  return Program(fn=fn, layout=make_layout(spec, measures, names), measures=measures,
+  return Program(fn=jax.jit(fn), layout=make_layout(spec, measures, names), measures=measures,
                  clamps=names, needs_batch=needs_batch)
 
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from icldyn.analysis import host_linalg
+
 __all__ = [
     'qk_ov',
     'layer_indices',
@@ -301,8 +303,8 @@ def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
   and only the `[dh, dh]` core is decomposed: `w_r = Q_o V[:, r]` from
   `svd(R_v R_o^T) = U S V^T`. (A `[d, d]` SVD per head would dominate the
   analysis on a CPU.) The core is formed as `(Q_v^T v)(Q_o^T o^T)^T`, which
-  equals `R_v R_o^T` but reads Q, so the three LAPACK calls (geqrf, orgqr,
-  gesdd) run one after another (see LAPACK in the module docstring).
+  equals `R_v R_o^T`. QR and SVD run on the host (`host_linalg`: jaxlib's
+  batched CPU LAPACK kernels can deadlock).
 
   Args:
     params: one run's params.
@@ -315,10 +317,10 @@ def ov_directions(params, layers: Sequence[int]) -> tuple[jax.Array, jax.Array]:
   v = jnp.stack([jnp.moveaxis(params[f"layer_{l}"]["attn"]["w_v"], 1, 0) for l in layers])
   o_t = jnp.stack([jnp.swapaxes(params[f"layer_{l}"]["attn"]["w_o"], 1, 2) for l in layers])
   a = jnp.stack([v, o_t])                                          # [2, n, H, d, dh]
-  q, _ = jnp.linalg.qr(a)
+  q = host_linalg.qr_q(a)
   r = jnp.einsum("xnhda,xnhdb->xnhab", q, a, precision=_HI)        # Q^T a = R
   core = jnp.einsum("nhab,nhcb->nhac", r[0], r[1], precision=_HI)  # R_v R_o^T
-  _, s, vh = jnp.linalg.svd(core)
+  _, s, vh = host_linalg.svd(core)
   dirs = jnp.einsum("nhdb,nhrb->nhrd", q[1], vh, precision=_HI)   # w_r = Q_o V[:, r]
   return s, dirs
 
@@ -392,5 +394,5 @@ def _copying_attn(a: Mapping[str, jax.Array], emb: jax.Array, w_u: jax.Array,
     m = jnp.einsum('hle,hem->hlm', left, right, precision=_HI)
   else:
     m = jnp.einsum('hel,hlf->hef', right, left, precision=_HI)
-  eig = jnp.linalg.eigvals(m)
+  eig = host_linalg.eigvals(m)  # on the host: see host_linalg
   return jnp.real(jnp.sum(eig, axis=-1)) / jnp.sum(jnp.abs(eig), axis=-1)
