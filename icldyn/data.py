@@ -298,8 +298,15 @@ def make_table(cfg, capacity_classes: int, capacity_labels: int) -> Table:
   return Table(x=x, test_cdf=test_cdf, pair_a=pa, pair_b=pb)
 
 
-def seq_spec(cfg, evaluator: str, capacity_classes: int, noise: bool) -> SeqSpec:
-  """The static sampler spec of the training stream ('train') or an evaluator."""
+def seq_spec(cfg, evaluator: str, capacity_classes: int, noise: bool,
+             batch: int | None = None) -> SeqSpec:
+  """The static sampler spec of the training stream ('train') or an evaluator.
+
+  With `batch` (sequences per call), the spec asks for `Batch.table_rows`
+  when there is no noise and the split has no more exemplar rows than the
+  batch has tokens: the model then embeds the rows and gathers
+  (docs/performance.md; exact up to float rounding).
+  """
   d = cfg.data
   train_ex = (0, d.num_train_exemplars)
   specs = {
@@ -310,9 +317,20 @@ def seq_spec(cfg, evaluator: str, capacity_classes: int, noise: bool) -> SeqSpec
       "fsl_test_class": ("test", (0, d.num_exemplars), "train"),
   }
   classes, exemplars, pairs = specs[evaluator]
-  return SeqSpec(context_len=d.context_len, rest=d.rest, relabel=d.relabel,
+  spec = SeqSpec(context_len=d.context_len, rest=d.rest, relabel=d.relabel,
                  classes=classes, exemplars=exemplars, pairs=pairs,
                  num_train_classes=capacity_classes, noise=noise)
+  if batch is not None and not noise:
+    rows = _split_classes(spec, d.num_test_classes)[1] * (exemplars[1] - exemplars[0])
+    spec = dataclasses.replace(spec, table_rows=rows <= batch * (d.context_len + 1))
+  return spec
+
+
+def _split_classes(spec: SeqSpec, num_test_classes: int) -> tuple[int, int]:
+  """(first table row, class count) of the class split `spec` draws from."""
+  if spec.classes == "train":
+    return 0, spec.num_train_classes
+  return spec.num_train_classes, num_test_classes
 
 
 # --------------------------------------------------------------------------
@@ -427,8 +445,7 @@ def sample_sequence(key: jax.Array, table: Table, props: DataProps, spec: SeqSpe
 def table_rows_of(table: Table, spec: SeqSpec) -> jax.Array:
   """The [R, D] exemplar rows `spec` draws from, in `TableRows.index` order."""
   lo, hi = spec.exemplars
-  n = spec.num_train_classes if spec.classes == "train" else table.x.shape[0] - spec.num_train_classes
-  first = 0 if spec.classes == "train" else spec.num_train_classes
+  first, n = _split_classes(spec, table.x.shape[0] - spec.num_train_classes)
   x = table.x[first:first + n, lo:hi]
   return x.reshape((-1, x.shape[-1]))
 

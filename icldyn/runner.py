@@ -529,14 +529,17 @@ class _GroupRun:
         out["train"] = {"loss": self.acc["loss"] / self.acc["count"],
                         "grad_norm": self.acc["grad_norm"] / self.acc["count"]}
         self.acc = {"loss": np.zeros(self.rp), "grad_norm": np.zeros(self.rp), "count": 0}
+      per_run = [{} for _ in g.runs]
       for ev in sorted(out):
         for m in sorted(out[ev]):
           vals = np.asarray(out[ev][m])
           for i, run in enumerate(g.runs):
             v = float(vals[i])
             rows.append((t * batch, run, ev, m, v))
-            self.tb.scalar(run, f"{ev}/{m}", v, t * batch)
+            per_run[i][f"{ev}/{m}"] = v
       self.metrics.append(rows)
+      for run, values in zip(g.runs, per_run):
+        self.tb.scalars(run, values, t * batch)
       if "fsl_train" in out:
         self.last_loss = float(np.mean(np.asarray(out["fsl_train"]["loss"])[:r]))
     if t in self.ckpts and t > 0:

@@ -305,19 +305,11 @@ def build_static(cfg, plan=None, eval_plans=()) -> Static:
   noise = d.noise > 0
   eval_batch = min(cfg.eval.batch, cfg.eval.size)
 
-  def with_rows(spec: data_lib.SeqSpec, batch: int) -> data_lib.SeqSpec:
-    # Embed table rows rather than tokens when there are fewer of them and no
-    # per-token noise (docs/performance.md): exact up to float rounding.
-    classes = d.num_train_classes if spec.classes == "train" else d.num_test_classes
-    rows = classes * (spec.exemplars[1] - spec.exemplars[0])
-    return dataclasses.replace(
-        spec, table_rows=not noise and rows <= batch * (d.context_len + 1))
-
-  evals = tuple((n, with_rows(data_lib.seq_spec(cfg, n, d.num_train_classes, noise), eval_batch))
+  evals = tuple((n, data_lib.seq_spec(cfg, n, d.num_train_classes, noise, eval_batch))
                 for n in config_lib.eval_names(cfg))
   total = -(-t.num_sequences // t.batch_size)
   scan = t.scan_steps or max(1, min(total, -(-t.eval_every // t.batch_size), 200))
-  train_seq = with_rows(data_lib.seq_spec(cfg, "train", d.num_train_classes, noise), t.batch_size)
+  train_seq = data_lib.seq_spec(cfg, "train", d.num_train_classes, noise, t.batch_size)
   return Static(model=spec, train_seq=train_seq,
                 evals=evals, batch_size=t.batch_size, eval_size=cfg.eval.size,
                 eval_batch=eval_batch, optimizer=t.optimizer,
