@@ -196,10 +196,11 @@ def evaluate_run(static: Static, table: data_lib.Table, params, props: Props) ->
                                       c * static.eval_batch)
         logits, acts = forward(static, params, batch, props, plan)
         terms = metrics_lib.per_sequence(logits, batch.labels)
-        last = acts[f"layer_{static.model.num_layers - 1}"]["attn"]["pattern"]
-        first = acts["layer_0"]["attn"]["pattern"]
-        terms["induction"] = metrics_lib.induction_strength(last, batch.classes)
-        terms["prev_token"] = metrics_lib.prev_token_score(first)
+        if name == "fsl_train":  # per-head scores are reported for fsl_train only
+          last = acts[f"layer_{static.model.num_layers - 1}"]["attn"]["pattern"]
+          first = acts["layer_0"]["attn"]["pattern"]
+          terms["induction"] = metrics_lib.induction_strength(last, batch.classes)
+          terms["prev_token"] = metrics_lib.prev_token_score(first)
         return terms
       terms = lax.map(chunk, jnp.arange(n_chunks))
       terms = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:static.eval_size], terms)
