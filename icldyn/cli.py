@@ -264,10 +264,6 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
-
-
 # Commands that split the CPU into one device per core (training, where it
 # pays: docs/performance.md). The analysing commands keep one device.
 MULTI_DEVICE_COMMANDS = ("train",)
@@ -284,3 +280,7 @@ def entry() -> None:
     print(f"icldyn: error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()
