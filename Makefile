@@ -22,8 +22,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m icldyn demo --workdir $(WORKDIR)
 
+# -n auto: one pytest worker per core; most of a test's time is compiling, which
+# runs on one core, so two workers nearly halve the suite on 2 cores. --dist
+# loadfile keeps a file's module fixtures in one worker.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests
