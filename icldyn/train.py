@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from icldyn import checkpoint as ckpt_lib
 from icldyn import config as config_lib
@@ -224,13 +225,13 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
     init(props) -> state; chunk(state, props, table, start, n) ->
     (state, (losses [S, R], grad norms [S, R])); evaluate(state, props, table) -> metrics.
   """
-  run_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_lib.RUN_AXIS))
+  run_sharding = jax.sharding.NamedSharding(mesh, P(sharding_lib.RUN_AXIS))
   step_fn = jax.vmap(lambda st, pr, tb, t: candidate_step(static, tb, st, pr, t),
                      (0, 0, None, None))
 
   def grid_step(c, props, table, t):
     # The guard's select is a pass over parameters and optimizer state; when
-    # every run of the grid is finite (the usual case) it would pick `new`
+    # every run on this device is finite (the usual case) it would pick `new`
     # everywhere, so it runs only when some run needs it. Same result bitwise.
     new, ok, out = step_fn(c, props, table, t)
     fine = jnp.all(ok & ~c.diverged)
@@ -245,10 +246,21 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
         r = c.diverged.shape[0]
         return c, (jnp.zeros((r,), jnp.float32), jnp.zeros((r,), jnp.float32))
       return lax.cond(i < n, run, skip, carry)
-    return lax.scan(body, state, jnp.arange(static.scan_steps))
+    # unroll=2: the step's new state cannot overwrite the old one (the guard
+    # may need it), so a rolled loop copies it back into the carry every step;
+    # two steps per iteration let XLA alternate between two buffers instead.
+    return lax.scan(body, state, jnp.arange(static.scan_steps), unroll=2)
+
+  # Each device runs the chunk on its own runs (shard_map): runs share no
+  # arrays, so nothing crosses devices. Under jit's automatic partitioning the
+  # guard's `all` over the grid was a cross-device reduction every step.
+  # check_vma=False: the skip branch's zeros are device-local like the rest.
+  runs, shared = P(sharding_lib.RUN_AXIS), P()
+  local_chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(runs, runs, shared, shared, shared),
+                              out_specs=(runs, P(None, sharding_lib.RUN_AXIS)), check_vma=False)
 
   init = jax.jit(jax.vmap(lambda pr: init_state(static, pr)), out_shardings=run_sharding)
-  chunk_jit = jax.jit(chunk, donate_argnums=0)
+  chunk_jit = jax.jit(local_chunk, donate_argnums=0)
   evaluate = jax.jit(jax.vmap(lambda st, pr, tb: evaluate_run(static, tb, st.params, pr),
                               (0, 0, None)))
   return init, chunk_jit, evaluate

@@ -2,7 +2,7 @@
 
 Each fast path is compared with the plain computation it replaces: the
 broadcast attention products with `einsum`, the table-row embedding with the
-per-token embedding, the grid-level divergence guard with the per-run guard,
+per-token embedding, the layer product's own gradient rule with JAX's, the grid-level divergence guard with the per-run guard,
 and the CPU device set-up with its documented rules.
 """
 
@@ -55,6 +55,36 @@ def test_small_attention_products_equal_einsum(monkeypatch):
   pattern, v = (small[0][1]["layer_1"]["attn"][k] for k in ("pattern", "v"))
   np.testing.assert_allclose(z_small, np.einsum("bhqk,bkhe->bqhe", pattern, v),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_contract_gradients_equal_tensordot(k):
+  # The weight-gradient layout is the point of `contract`; its values must be
+  # tensordot's, batched (vmap over runs, as in a grid) or not.
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(k), 3)
+  x = jax.random.normal(kx, (3, 4, 5, 6, 7)[:3 + k])  # [runs, batch, tokens, *In]
+  w_shape = x.shape[3:] + (9, 2)
+  w = jax.random.normal(kw, (3,) + w_shape)
+  g = jax.random.normal(kg, x.shape[:3] + (9, 2))
+  def vjp(f):
+    out, pull = jax.vjp(jax.vmap(f), x, w)
+    return (out,) + pull(g)
+  mine = vjp(lambda a, b: model_lib.contract(a, b, k))
+  plain = vjp(lambda a, b: jnp.tensordot(a, b, axes=k))
+  for a, b in zip(mine, plain):
+    assert a.shape == b.shape
+    _close(a, b)
+
+
+def test_model_gradients_do_not_depend_on_the_embedding_rule(monkeypatch):
+  params = model_lib.init_params(SPEC, 0)
+  x, y = _batch()
+  loss = lambda p: jnp.sum(model_lib.apply(SPEC, p, x, y, 5)[0][:, -1, :] ** 2)
+  mine = jax.grad(loss)(params)
+  monkeypatch.setattr(model_lib, "_NATURAL_GRADS", False)
+  plain = jax.grad(loss)(params)
+  for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(plain)):
+    _close(a, b)
 
 
 def test_table_row_embedding_equals_token_embedding():
