@@ -2,8 +2,9 @@
 
 Each fast path is compared with the plain computation it replaces: the
 broadcast attention products with `einsum`, the table-row embedding with the
-per-token embedding, the layer product's own gradient rule with JAX's, the grid-level divergence guard with the per-run guard,
-and the CPU device set-up with its documented rules.
+per-token embedding, `model.contract`'s gradient rule with JAX's, the
+grid-level divergence guard with the per-run guard, and the CPU device set-up
+with its documented rules.
 """
 
 import dataclasses
