@@ -186,10 +186,16 @@ contract.defvjp(_contract_fwd, _contract_bwd)
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                        preferred_element_type=None):
-  """`nn.Dense`'s dot_general ([..., in] x [in, out]) through `contract`."""
+  """`nn.Dense`'s dot_general ([..., in] x [in, out]) through `contract`.
+
+  `contract` takes no precision or output type, so none may be asked for
+  (rather than dropping them silently).
+  """
   if not _NATURAL_GRADS:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
+  if precision is not None or preferred_element_type is not None:
+    raise ValueError("contract: precision and preferred_element_type are not supported")
   assert dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())), dimension_numbers
   return contract(lhs, rhs, 1)
 
