@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 PAPERDIR ?= runs/paper
 JAX_EXTRA ?=
 
-.PHONY: venv demo test test-slow bench paper paper-cpu paper-smoke clean
+.PHONY: venv demo test test-slow bench profile paper paper-cpu paper-smoke clean
 
 # The stamp depends on setup.cfg, so `make test` re-installs when dependencies change.
 $(VENV)/.installed: setup.cfg setup.py
@@ -33,6 +33,9 @@ test-slow: venv
 
 bench: venv
 	$(PY) -m icldyn.bench
+
+profile: venv
+	$(PY) -m icldyn.bench_profile
 
 paper: venv
 	$(PY) -m icldyn paper --outdir $(PAPERDIR)

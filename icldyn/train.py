@@ -130,16 +130,22 @@ def candidate_step(static: Static, table: data_lib.Table, state: TrainState, pro
     (new state, ok, (loss, gradient norm)): `ok` is False when the loss, the
     gradient or the new parameters are not finite; `guard` decides what to keep.
   """
-  batch = train_batch(static, table, props, step)
+  # The named scopes only label the compiled operations (`op_name`), which
+  # `icldyn.bench_profile` groups by; they change no computation.
+  with jax.named_scope("sample"):
+    batch = train_batch(static, table, props, step)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, static, batch, props)
-  gnorm = optax.global_norm(grads)
-  if static.optimizer == "adam":  # coupled L2, as torch/optax `adam` + decay
-    grads = jax.tree.map(lambda g, p: g + props.weight_decay * p, grads, state.params)
-  updates, opt_state = _moments(static).update(grads, state.opt_state, state.params)
-  if static.optimizer == "adamw":  # decoupled decay (Loshchilov & Hutter 2019)
-    updates = jax.tree.map(lambda u, p: u + props.weight_decay * p, updates, state.params)
-  params = jax.tree.map(lambda p, u: p - props.learning_rate * u, state.params, updates)
-  ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(params))
+  with jax.named_scope("norms"):
+    gnorm = optax.global_norm(grads)
+  with jax.named_scope("optimizer"):
+    if static.optimizer == "adam":  # coupled L2, as torch/optax `adam` + decay
+      grads = jax.tree.map(lambda g, p: g + props.weight_decay * p, grads, state.params)
+    updates, opt_state = _moments(static).update(grads, state.opt_state, state.params)
+    if static.optimizer == "adamw":  # decoupled decay (Loshchilov & Hutter 2019)
+      updates = jax.tree.map(lambda u, p: u + props.weight_decay * p, updates, state.params)
+    params = jax.tree.map(lambda p, u: p - props.learning_rate * u, state.params, updates)
+  with jax.named_scope("norms"):
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(params))
   return (TrainState(params, opt_state, state.diverged, state.diverged_step), ok,
           (loss, gnorm))
 
@@ -235,7 +241,8 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
     # everywhere, so it runs only when some run needs it. Same result bitwise.
     new, ok, out = step_fn(c, props, table, t)
     fine = jnp.all(ok & ~c.diverged)
-    state = lax.cond(fine, lambda n, o: n, lambda n, o: guard(o, n, ok, t), new, c)
+    with jax.named_scope("guard"):
+      state = lax.cond(fine, lambda n, o: n, lambda n, o: guard(o, n, ok, t), new, c)
     return state, out
 
   def chunk(state, props, table, start, n):
