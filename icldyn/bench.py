@@ -55,18 +55,31 @@ def matmul_gflops(n: int = 1024, reps: int = 10, trials: int = 5) -> float:
   return 2 * n ** 3 * reps / best / 1e9
 
 
-def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dict:
-  """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
+def sharded_group(cfg):
+  """The first group of `cfg`'s grid, its run mesh, and its per-run settings
+  (padded to the device count) and class table placed on that mesh.
+
+  Returns:
+    (prepared group, mesh, props, table).
+  """
   import jax
-  from icldyn import runner, sharding as sharding_lib, train as train_lib
-  cfg = _paper_config(n_runs, batch, clamped)
-  with cfg.unlocked():
-    cfg.train.scan_steps = 100
+  from icldyn import runner, sharding as sharding_lib
   pg = runner.prepare(cfg).groups[0]
+  n_runs = int(jax.tree.leaves(pg.props)[0].shape[0])
   mesh = sharding_lib.run_mesh(n_runs)
   rp = sharding_lib.padded_count(n_runs, mesh)
   props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)
-  table = sharding_lib.replicate(pg.table, mesh)
+  return pg, mesh, props, sharding_lib.replicate(pg.table, mesh)
+
+
+def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dict:
+  """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
+  import jax
+  from icldyn import runner, train as train_lib
+  cfg = _paper_config(n_runs, batch, clamped)
+  with cfg.unlocked():
+    cfg.train.scan_steps = 100
+  pg, mesh, props, table = sharded_group(cfg)
   init, chunk, evaluate = train_lib.make_programs(pg.static, mesh)
   t0 = time.perf_counter()
   state = runner._compile(init, props, opt_level=0)(props)

@@ -121,15 +121,12 @@ def profile_chunk(cfg, steps: int) -> dict:
     step}, "rows": [(ms per step, name, shape, part, op_name)] slowest first}.
   """
   import jax
-  from icldyn import runner, sharding as sharding_lib, train as train_lib
+  from icldyn import bench, runner, train as train_lib
+  cfg = cfg.copy_and_resolve_references()  # the caller's config stays as it was
   with cfg.unlocked():
     cfg.train.scan_steps = steps
-  pg = runner.prepare(cfg).groups[0]
+  pg, mesh, props, table = bench.sharded_group(cfg)
   n_runs = int(jax.tree.leaves(pg.props)[0].shape[0])
-  mesh = sharding_lib.run_mesh(n_runs)
-  rp = sharding_lib.padded_count(n_runs, mesh)
-  props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)
-  table = sharding_lib.replicate(pg.table, mesh)
   init, chunk, _ = train_lib.make_programs(pg.static, mesh)
   state = init(props)
   chunk_c = runner._compile(chunk, state, props, table, 0, 1)
