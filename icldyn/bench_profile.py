@@ -8,9 +8,10 @@ Traces one compiled chunk of training steps of the paper model with
 joins the operations to the optimised HLO of the chunk, whose `op_name`
 metadata says which part of the model each one computes. Prints the time per
 step by part (dots, the attention's elementwise work, LayerNorm, the
-optimizer, the norms, sampling, state copies, layout transposes, XLA's
-reduce-window rewrites) and the slowest operations. Op time is summed over device threads, so with 2
-devices busy all the time it is about twice the wall time.
+optimizer, the norms, sampling, the guard and its state copies, layout
+transposes, XLA's reduce-window rewrites) and the slowest operations. Op time
+is summed over device threads, so with 2 devices busy all the time it is
+about twice the wall time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 # Parts of a step, in the order the rules are tried (first match wins).
 PARTS = ("dots", "attention elementwise", "layer norm", "embedding elementwise",
-         "optimizer", "norms", "sampling", "state copies", "layout transposes",
+         "optimizer", "norms", "sampling", "guard, state copies", "layout transposes",
          "reduce-window", "other")
 
 
@@ -42,8 +43,8 @@ def categorize(name: str, op_name: str) -> str:
   Args:
     name: the HLO instruction's name (`ynn_fusion.22`, `copy.818`, ...).
     op_name: its `op_name` metadata, the JAX name stack ('' if none). The
-      model's modules and `train.candidate_step`'s named scopes (sample,
-      optimizer, norms) appear in it.
+      model's modules and the named scopes of `train` (sample, optimizer,
+      norms, guard) appear in it.
   """
   if op_name.endswith("dot_general") or re.match(r"(ynn_fusion|dot)(\.|$)", name):
     return "dots"
@@ -53,7 +54,8 @@ def categorize(name: str, op_name: str) -> str:
     return "layer norm"
   if "/embed" in op_name or "/unembed" in op_name:
     return "embedding elementwise"
-  for scope, part in (("optimizer", "optimizer"), ("norms", "norms"), ("sample", "sampling")):
+  for scope, part in (("optimizer", "optimizer"), ("norms", "norms"), ("sample", "sampling"),
+                      ("guard", "guard, state copies")):
     if _scope(op_name, scope):
       return part
   if "train_batch" in op_name or "threefry" in op_name:
@@ -61,7 +63,7 @@ def categorize(name: str, op_name: str) -> str:
   if re.match(r"(wrapped_)?copy(\.|$)", name) and not op_name:
     # Copies XLA inserts with no source: the divergence guard's conditional
     # copies the kept state into its own result buffers (docs/performance.md).
-    return "state copies"
+    return "guard, state copies"
   if name.startswith("transpose") or (re.match(r"\w*transpose\w*_fusion", name)
                                        and op_name.endswith("shard_map")):
     return "layout transposes"

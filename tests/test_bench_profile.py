@@ -25,7 +25,8 @@ from conftest import tiny_config
     ("wrapped_multiply.19", "a/cond/branch_1_fun/vmap(norms)/square", "norms"),
     ("slice_bitcast_fusion", "a/vmap(sample)/slice", "sampling"),
     ("xor_xor_fusion", "a/vmap(jit(_threefry_split))/xor", "sampling"),
-    ("copy.818", "", "state copies"),
+    ("copy.818", "", "guard, state copies"),
+    ("broadcast_select_fusion", "a/while/body/guard/cond/branch_0_fun/select_n", "guard, state copies"),
     ("transpose_copy_fusion.24", "jit(chunk)/shard_map", "layout transposes"),
     ("wrapped_reduce-window.52", "", "reduce-window"),
     ("wrapped_pad", "a/vmap(jvp())/pad", "other"),
@@ -60,7 +61,7 @@ def test_breakdown_sums_hlo_operations_per_step(tmp_path):
   parts, rows = bench_profile.breakdown(times, ops, steps=2)
   # Control flow and non-HLO events are left out; the rest is us / steps / 1000.
   assert parts["dots"] == pytest.approx(0.2)
-  assert parts["state copies"] == pytest.approx(0.025)
+  assert parts["guard, state copies"] == pytest.approx(0.025)
   assert parts["attention elementwise"] == pytest.approx(0.075)
   assert sum(parts.values()) == pytest.approx(0.3)
   assert [r[1] for r in rows] == ["ynn_fusion.1", "exp_fusion.4", "copy.2"]
