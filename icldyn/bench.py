@@ -62,10 +62,9 @@ def sharded_group(cfg):
   Returns:
     (prepared group, mesh, props, table).
   """
-  import jax
   from icldyn import runner, sharding as sharding_lib
   pg = runner.prepare(cfg).groups[0]
-  n_runs = int(jax.tree.leaves(pg.props)[0].shape[0])
+  n_runs = len(pg.group.runs)
   mesh = sharding_lib.run_mesh(n_runs)
   rp = sharding_lib.padded_count(n_runs, mesh)
   props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)

@@ -58,8 +58,6 @@ def categorize(name: str, op_name: str) -> str:
                       ("guard", "guard, state copies")):
     if _scope(op_name, scope):
       return part
-  if "train_batch" in op_name or "threefry" in op_name:
-    return "sampling"
   if re.match(r"(wrapped_)?copy(\.|$)", name) and not op_name:
     # Copies XLA inserts with no source: the divergence guard's conditional
     # copies the kept state into its own result buffers (docs/performance.md).
@@ -106,7 +104,7 @@ def breakdown(times: collections.Counter, ops: dict, steps: int) -> tuple[dict, 
   for name, us in times.items():
     if name not in ops or ops[name][0] in ("while", "conditional", "call"):
       continue
-    opcode, shape, op_name = ops[name]
+    _, shape, op_name = ops[name]
     part = categorize(name, op_name)
     ms = us / steps / 1e3
     parts[part] += ms
@@ -128,7 +126,6 @@ def profile_chunk(cfg, steps: int) -> dict:
   with cfg.unlocked():
     cfg.train.scan_steps = steps
   pg, mesh, props, table = bench.sharded_group(cfg)
-  n_runs = int(jax.tree.leaves(pg.props)[0].shape[0])
   init, chunk, _ = train_lib.make_programs(pg.static, mesh)
   state = init(props)
   chunk_c = runner._compile(chunk, state, props, table, 0, 1)
@@ -145,7 +142,7 @@ def profile_chunk(cfg, steps: int) -> dict:
       raise RuntimeError(f"jax.profiler wrote no trace.json.gz under {tmp}")
     times = op_times(files[0])
   parts, rows = breakdown(times, hlo_ops(chunk_c.as_text()), steps)
-  return {"runs": n_runs, "steps": steps, "devices": mesh.devices.size,
+  return {"runs": len(pg.group.runs), "steps": steps, "devices": mesh.devices.size,
           "wall_ms_per_step": wall / steps * 1e3, "parts": parts, "rows": rows}
 
 
