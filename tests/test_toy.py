@@ -110,13 +110,19 @@ def test_clamped_factor_stays_exactly_at_target(trajs, clamp):
                             traj.factors[:, -1, others])
 
 
-def test_vmapped_seeds_equal_separate_runs_bitwise(trajs):
+def test_vmapped_seeds_equal_separate_runs(trajs):
   batched = trajs[toy.UNCLAMPED]
   for s, seed in enumerate(SEEDS):
     single = jax.device_get(toy.train_toy(CFG, [seed]))
     for field in ('loss', 'align_a', 'align_b', 'align_c', 'factors'):
-      np.testing.assert_array_equal(getattr(single, field)[0],
-                                    getattr(batched, field)[s], err_msg=field)
+      # One seed and four seeds are programs of different shapes, which XLA
+      # CPU may vectorise differently per instruction set (README,
+      # Determinism). Measured bitwise equal under SSE4.2, AVX, AVX2 and the
+      # host's own code generation (tests/test_isa.py runs this under each);
+      # 1e-5 relative leaves room for a few ulp of reordering amplified over
+      # the run while still failing on any change of the dynamics.
+      np.testing.assert_allclose(getattr(single, field)[0], getattr(batched, field)[s],
+                                 rtol=1e-5, atol=1e-7, err_msg=field)
 
 
 def test_transition_step_interpolates_and_reports_never():

@@ -1,0 +1,47 @@
+"""The cross-shape determinism tests again, under other CPU code generation.
+
+How XLA CPU vectorises a computation depends on its shapes and on the
+instruction set it targets, so a bitwise promise between programs of
+different shapes (label or class capacity, grid size) can hold on one CPU and
+fail on another (README, Determinism). jaxlib's `--xla_cpu_max_isa` caps the
+instruction set XLA generates code for, so this host can stand in for older
+CPUs: each listed test runs once more in a subprocess per cap, and must hold
+there too. Measured on an AVX2-only AMD EPYC: each cap compiles different code
+(logits of the same program differ in their last bits between caps), and a
+bitwise assertion across label capacities fails under every one of them.
+
+Library kernels that pick their code path at run time (YNNPACK/Eigen dots)
+are not affected by the cap; they still vary across hosts, which is why the
+tests assert documented tolerances there.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+# The tests whose two sides are programs of different shapes.
+CROSS_SHAPE = (
+    "tests/test_model.py::test_label_padding_behaves_like_fewer_outputs",
+    "tests/test_model.py::test_different_masks_in_one_vmapped_call_match_separate_calls",
+    "tests/test_data.py::test_padding_does_not_change_a_runs_draws",
+    "tests/test_fast_paths.py::test_table_row_embedding_equals_token_embedding",
+    "tests/test_toy.py::test_vmapped_seeds_equal_separate_runs",
+)
+# AVX2: the common server CPU without AVX-512; SSE4_2: the oldest x86-64 baseline.
+CAPS = ("AVX2", "SSE4_2")
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"),
+                    reason="instruction-set caps are x86 names")
+@pytest.mark.parametrize("cap", CAPS)
+def test_cross_shape_tests_hold_under_another_instruction_set(cap):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={cap}".strip()
+  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", *CROSS_SHAPE],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, f"under --xla_cpu_max_isa={cap}:\n{out.stdout[-4000:]}"
+  assert f"{len(CROSS_SHAPE)} passed" in out.stdout, out.stdout[-2000:]
