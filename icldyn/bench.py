@@ -56,34 +56,24 @@ def matmul_gflops(n: int = 1024, reps: int = 10, trials: int = 5) -> float:
 
 
 def sharded_group(cfg):
-  """The first group of `cfg`'s grid, its run mesh, and its per-run settings
-  (padded to the device count) and class table placed on that mesh.
-
-  Returns:
-    (prepared group, mesh, props, table).
-  """
-  from icldyn import runner, sharding as sharding_lib
-  pg = runner.prepare(cfg).groups[0]
-  n_runs = len(pg.group.runs)
-  mesh = sharding_lib.run_mesh(n_runs)
-  rp = sharding_lib.padded_count(n_runs, mesh)
-  props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, n_runs, rp), mesh)
-  return pg, mesh, props, sharding_lib.replicate(pg.table, mesh)
+  """The first group of `cfg`'s grid placed on its devices as training places
+  it (`icldyn.group.Placed`: mesh, padded props, shared arrays, programs)."""
+  from icldyn import build, group as group_lib
+  return group_lib.Placed(build.prepare(cfg).groups[0])
 
 
 def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dict:
   """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
   import jax
-  from icldyn import runner, train as train_lib
+  from icldyn import train as train_lib
   cfg = _paper_config(n_runs, batch, clamped)
   with cfg.unlocked():
     cfg.train.scan_steps = 100
-  pg, mesh, props, table = sharded_group(cfg)
-  init, chunk, evaluate = train_lib.make_programs(pg.static, mesh)
+  placed = sharded_group(cfg)
+  pg, mesh, props, table = placed.prepared, placed.mesh, placed.props, placed.table
   t0 = time.perf_counter()
-  state = runner._compile(init, props, opt_level=0)(props)
-  chunk_c = runner._compile(chunk, state, props, table, 0, 1)
-  eval_c = runner._compile(evaluate, state, props, table)
+  state = placed.initial_state()
+  chunk_c, eval_c = placed.compile_training(state)
   compile_s = time.perf_counter() - t0
   # XLA's cost analysis counts a scan's body once, so count one grid step on its own.
   one_step = jax.jit(jax.vmap(lambda st, pr, tb: train_lib.train_step(pg.static, tb, st, pr, 0)[0],
@@ -152,8 +142,8 @@ def bench_end_to_end(n_runs: int, sequences: int, batch: int) -> dict:
 def bench_loop(steps: int, batch: int) -> float:
   """One run, one jitted step per Python iteration (the icl-dynamics way): steps/s."""
   import jax
-  from icldyn import runner, train as train_lib
-  pg = runner.prepare(_paper_config(1, batch)).groups[0]
+  from icldyn import build, train as train_lib
+  pg = build.prepare(_paper_config(1, batch)).groups[0]
   props = jax.tree.map(lambda x: jax.numpy.asarray(x[0]), pg.props)
   table = jax.tree.map(jax.numpy.asarray, pg.table)
   step = jax.jit(lambda st, t: train_lib.train_step(pg.static, table, st, props, t)[0])

@@ -30,12 +30,13 @@ import time
 import jax
 import numpy as np
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn import build
 from icldyn import config as config_lib
-from icldyn import metrics as metrics_lib
 from icldyn import model as model_lib
 from icldyn import runner
-from icldyn import workdir as wd_lib
+from icldyn.store import checkpoints as ckpt_lib
+from icldyn.store import files as wd_lib
+from icldyn.tasks import fewshot
 
 EVERY = 5000  # sequences between checkpoints and evaluations
 LIMIT_S = 60.0
@@ -55,11 +56,11 @@ def build_workdir(path: str, runs: int = 64, checkpoints: int = 200, seed: int =
   cfg = config_lib.base_config()
   with cfg.unlocked():
     cfg.train.num_sequences = EVERY * checkpoints
-  prepared = runner.prepare(cfg, _grid(runs))
+  prepared = build.prepare(cfg, _grid(runs))
   pg = prepared.groups[0]
   os.makedirs(path, exist_ok=True)
-  wd_lib.write_json(os.path.join(path, "config.json"), prepared.resolved())
-  wd_lib.write_runs(os.path.join(path, "runs.csv"),
+  wd_lib.write_json(os.path.join(path, wd_lib.CONFIG_JSON), prepared.resolved())
+  wd_lib.write_runs(os.path.join(path, wd_lib.RUNS_CSV),
                     runner.run_rows(prepared, {r: ("done", -1) for r in range(runs)}))
 
   # Two independent initialisations; checkpoint k lies on the circle between them.
@@ -73,15 +74,15 @@ def build_workdir(path: str, runs: int = 64, checkpoints: int = 200, seed: int =
     store.save_params(step, jax.tree.map(
         lambda x, y: (math.cos(theta) * x + math.sin(theta) * y).astype(np.float32), a, b))
   store.close()
-  _write_metrics(os.path.join(path, "metrics.csv"), pg.group.runs, [0] + steps,
+  _write_metrics(os.path.join(path, wd_lib.METRICS_CSV), pg.group.runs, [0] + steps,
                  pg.static.model.num_heads, seed)
 
 
 def _write_metrics(path: str, runs: list[int], steps: list[int], heads: int, seed: int) -> None:
   rng = np.random.default_rng(seed)
   x = np.log(np.maximum(np.asarray(steps, np.float64), 1.0))
-  names = [(e, m) for e in ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
-           for m in metrics_lib.EVAL_METRICS]
+  names = [(e, m) for e in fewshot.EVALUATORS
+           for m in fewshot.EVAL_METRICS]
   names += [("fsl_train", f"{k}.h{h}") for k in ("induction_strength", "prev_token")
             for h in range(heads)]
   names += [("train", "loss"), ("train", "grad_norm")]
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="icldyn_bench_analysis_")
     path = tmp
   try:
-    if not os.path.isfile(os.path.join(path, "metrics.csv")):
+    if not os.path.isfile(os.path.join(path, wd_lib.METRICS_CSV)):
       t = time.time()
       build_workdir(path, args.runs, args.checkpoints)
       print(f"built the synthetic workdir in {time.time() - t:.0f}s: {path}", file=sys.stderr)

@@ -121,14 +121,14 @@ def profile_chunk(cfg, steps: int) -> dict:
     step}, "rows": [(ms per step, name, shape, part, op_name)] slowest first}.
   """
   import jax
-  from icldyn import bench, runner, train as train_lib
+  from icldyn import bench
   cfg = cfg.copy_and_resolve_references()  # the caller's config stays as it was
   with cfg.unlocked():
     cfg.train.scan_steps = steps
-  pg, mesh, props, table = bench.sharded_group(cfg)
-  init, chunk, _ = train_lib.make_programs(pg.static, mesh)
-  state = init(props)
-  chunk_c = runner._compile(chunk, state, props, table, 0, 1)
+  placed = bench.sharded_group(cfg)
+  pg, mesh, props, table = placed.prepared, placed.mesh, placed.props, placed.table
+  state = placed.init(props)
+  chunk_c, _ = placed.compile_training(state)
   state, out = chunk_c(state, props, table, 0, steps)  # warm-up
   jax.block_until_ready(out)
   with tempfile.TemporaryDirectory() as tmp:

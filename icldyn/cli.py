@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
   dn.add_argument("--workdir", required=True)
   dn.add_argument("--window", default="auto", help="'auto' or START:END in sequences")
   dn.add_argument("--num", type=int, default=32, help="dense checkpoints per window")
-  dn.add_argument("--curve", default="fsl_train/loss")
+  dn.add_argument("--curve", default=None,
+                  help="curve whose transitions 'auto' finds (default: the task's headline curve)")
   dn.add_argument("--quiet", action="store_true")
 
   pl = sub.add_parser("plot", help="figures and report.md of a workdir")
@@ -141,22 +142,11 @@ def cmd_analyze(args) -> int:
   return 0
 
 
-def _attention(workdir: str) -> None:
-  """Writes analysis/attention_patterns.npz where the workdir has checkpoints."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    return
-  from icldyn.analysis import attention
-  try:
-    attention.write_attention_patterns(workdir)
-  except ConfigError as e:  # a workdir analysis cannot rebuild: draw the rest
-    logging.getLogger(__name__).info("Skipping attention patterns: %s", e)
-
-
 def cmd_plot(args) -> int:
-  from icldyn import plots, report
+  from icldyn import pipeline, plots, report
   if not os.path.isdir(args.workdir):
     raise ConfigError("--workdir", f"no such directory {args.workdir}")
-  _attention(args.workdir)
+  pipeline.attention_patterns(args.workdir)
   paths = plots.make_all(args.workdir, pdf=args.pdf)
   rep = report.write_report(args.workdir)
   print(f"icldyn: wrote {len(paths)} figure(s) under {os.path.join(args.workdir, 'plots')} "
@@ -166,18 +156,14 @@ def cmd_plot(args) -> int:
 
 def cmd_demo(args) -> int:
   from icldyn import config as config_lib
-  from icldyn import plots, report, runner
-  from icldyn.analysis import command
+  from icldyn import pipeline, runner
   cfg = config_lib.load_config(DEMO_STUDY)
   try:
-    summary = runner.train(cfg, args.workdir, None, quiet=args.quiet)
+    summary = pipeline.run_study(cfg, args.workdir, quiet=args.quiet)
   except runner.Preempted as e:
     print(f"icldyn: {e}; run `make demo` again to resume", file=sys.stderr)
     return EXIT_PREEMPTED
-  command.analyze(args.workdir, quiet=args.quiet)
-  _attention(args.workdir)
-  paths = plots.make_all(args.workdir)
-  rep = report.write_report(args.workdir)
+  paths, rep = summary["figures"], summary["report"]
   print(f"\nicldyn demo: {summary['num_runs']} runs trained in {summary['seconds']:.0f}s.\n"
         f"  metrics:       {os.path.join(args.workdir, 'metrics.csv')}\n"
         f"  checkpoints:   {os.path.join(args.workdir, 'checkpoints')}\n"

@@ -4,8 +4,14 @@ One config language (ml_collections). A study file defines `get_config(arg)`
 returning a `ConfigDict` built on `base_config()`; the command line applies
 `--config.FIELD=VALUE` overrides and `--grid FIELD=V1,V2` axes on top.
 
+The base config holds the fields every run has (seeds, model, train, eval,
+checkpoint, clamps, grid), `task.name`, and one group of fields per
+registered task (`data.*` for the few-shot task, `tokens.*` for the token
+task; `icldyn.tasks`). Only the selected task's group is read and checked.
+
 Every problem with a config is raised as `ConfigError(field, message)` before
 anything is written, and the CLI turns it into one line and exit code 2.
+Clamp fields are checked against the model in `icldyn.build`.
 """
 
 from __future__ import annotations
@@ -20,21 +26,11 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-LABEL_PAIR_FORMATS = ("distractor",)
-REST_MODES = ("distractor", "iid", "unique")
+from icldyn import tasks
+from icldyn.errors import ConfigError, did_you_mean
+
 POS_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-DATA_SOURCES = ("gaussian", "file")
-EVALUATORS = ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
-
-
-class ConfigError(ValueError):
-  """A bad configuration value; `field` names the dotted config field."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field = field
-    self.message = message
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,25 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.layer_norm = True
   c.model.mlp_ratio = config_dict.placeholder(float)  # None = attention only
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "gaussian"
-  c.data.path = ""  # data.source == 'file': .h5, .npy or .npz of [classes, exemplars, dim]
-  c.data.dataset_key = "resnet18/224/feat"  # key inside an .h5 / .npz file
-  c.data.dim = 512  # gaussian source: input dimension D
-  c.data.exemplar_noise = 0.1  # gaussian source: exemplar = mean + eps * N(0, I/D)
-  c.data.table_seed = 0  # gaussian source: seed of the class table (shared by all runs)
-  c.data.num_train_classes = 50
-  c.data.num_test_classes = 100
-  c.data.num_train_exemplars = 1  # exemplars per class used in training ...
-  c.data.num_exemplars = 5  # ... of this many; the rest are held out (fsl_train_valex)
-  c.data.num_labels = 5
-  c.data.context_len = 2  # exemplar-label pairs before the query
-  c.data.burstiness = 1  # copies of the query's class in the context
-  c.data.rest = "distractor"  # other context slots: one distractor class | iid | unique classes
-  c.data.zipf_alpha = 0.0  # class frequencies p(k) ~ (k+1)^-alpha over training classes
-  c.data.noise = 0.0  # per-token Gaussian input noise, std noise/sqrt(D) per coordinate
-  c.data.relabel = True  # per-sequence relabelling (few-shot); False: label = class mod num_labels
-  c.data.label_holdout = 0.2  # share of label pairs held out for fsl_val_rl (paper: 2 of 10)
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "fewshot"  # which task (icldyn.tasks.TASKS); its fields are its group below
+  for task in tasks.TASKS.values():
+    c[task.group] = task.fields()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_sequences = 1_000_000
@@ -92,11 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.scan_steps = 0  # steps per compiled chunk; 0 = choose from the event spacing
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.evaluators = ",".join(EVALUATORS)
+  c.eval.evaluators = ""  # comma-separated; '' = the task's default evaluators
   c.eval.size = 1000  # sequences per evaluator
   c.eval.batch = 250  # sequences per evaluation micro-batch (memory; results agree to float rounding)
   c.eval.clamps = ""  # comma-separated named clamps to evaluate under: keep_head_3,ablate_layer_0 (icldyn.clamps.named_plan)
-  c.eval.clamp_evaluators = "fsl_train"  # evaluators that are also run under eval.clamps
+  c.eval.clamp_evaluators = ""  # evaluators also run under eval.clamps; '' = the task's headline evaluator
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50_000  # sequences; 0 = off
@@ -154,13 +135,34 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def get_field(cfg: ml_collections.ConfigDict, field: str) -> Any:
-  """Returns the value at a dotted field, or raises ConfigError if unknown."""
+  """Returns the value at a dotted field, or raises ConfigError if unknown
+  (with the closest existing field as a suggestion)."""
   node = cfg
+  prefix = ""
   for part in field.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(field, "unknown config field")
+      hint = suggest_field(node, part, prefix) if isinstance(node, ml_collections.ConfigDict) else ""
+      raise ConfigError(field, "unknown config field" + hint)
     node = node[part]
+    prefix += part + "."
   return node
+
+
+def all_fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every dotted leaf field of a config."""
+  out = []
+  for key in cfg.keys():
+    if isinstance(cfg[key], ml_collections.ConfigDict):
+      out += all_fields(cfg[key], f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def suggest_field(node: ml_collections.ConfigDict, part: str, prefix: str) -> str:
+  """'; did you mean FIELD?' for a misspelt field `prefix + part` inside `node`."""
+  names = [f"{prefix}{k}" for k in node.keys()]
+  return did_you_mean(prefix + part, names)
 
 
 def field_type(cfg: ml_collections.ConfigDict, field: str) -> type | None:
@@ -249,6 +251,37 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def from_json(resolved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config and grid axes of a workdir's config.json, rebuilt on `base_config()`.
+
+  Every field is set through `set_field`, so types match what training
+  used; fields the stored config lacks (a workdir written before they
+  existed) keep their defaults. A field the base config lacks (a study that
+  added one) falls back to a plain ConfigDict of the stored values.
+
+  Returns:
+    (config, grid axes).
+  """
+  stored = resolved["config"]
+  cfg = base_config()
+  try:
+    for field, value in _leaves(stored):
+      if field == "grid":
+        value = tuple(value)
+      set_field(cfg, field, value)
+  except ConfigError:
+    cfg = ml_collections.ConfigDict(stored)
+  return cfg, list(resolved.get("grid") or [])
+
+
+def _leaves(d: dict, prefix: str = ""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
 # --------------------------------------------------------------------------
 # Validation.
 
@@ -258,20 +291,20 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(field, message)
 
 
-def distinct_classes_per_sequence(cfg: ml_collections.ConfigDict) -> int:
-  """How many different classes one sequence can hold (query included)."""
-  rest_slots = cfg.data.context_len - cfg.data.burstiness
-  if rest_slots <= 0:
-    return 1
-  if cfg.data.rest == "distractor":
-    return 2
-  return 1 + rest_slots
+def task_of(cfg: ml_collections.ConfigDict) -> tasks.Task:
+  """The task a config selects (ConfigError naming `task.name` if unknown)."""
+  return tasks.get(cfg.task.name)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks one resolved run config; raises ConfigError naming the field."""
-  m, d, t, ev, ck = cfg.model, cfg.data, cfg.train, cfg.eval, cfg.checkpoint
-  for field in ("seeds.init", "seeds.data", "seeds.eval", "data.table_seed"):
+  """Checks one resolved run config; raises ConfigError naming the field.
+
+  Clamp fields (`clamps`, `clamp.*`, `eval.clamps`) need the model and are
+  checked by `icldyn.build`.
+  """
+  task = task_of(cfg)
+  m, t, ev, ck = cfg.model, cfg.train, cfg.eval, cfg.checkpoint
+  for field in ("seeds.init", "seeds.data", "seeds.eval"):
     v = get_field(cfg, field)
     _require(isinstance(v, int) and 0 <= v < 2**31, field,
              f"must be an integer in [0, 2^31), got {v!r}")
@@ -287,47 +320,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.mlp_ratio is None or m.mlp_ratio > 0, "model.mlp_ratio",
            "must be None (attention only) or > 0")
 
-  _require(d.source in DATA_SOURCES, "data.source",
-           f"must be one of {DATA_SOURCES}, got {d.source!r}")
-  if d.source == "file":
-    _require(bool(d.path), "data.path", "data.source=file needs a path")
-    _require(os.path.isfile(d.path), "data.path", f"no such file {d.path!r}")
-  _require(d.dim >= 1, "data.dim", "must be >= 1")
-  _require(_finite(d.exemplar_noise) and d.exemplar_noise >= 0,
-           "data.exemplar_noise", "must be a finite number >= 0")
-  _require(d.context_len >= 1, "data.context_len", "must be >= 1")
-  _require(0 <= d.burstiness <= d.context_len, "data.burstiness",
-           f"must be in [0, data.context_len={d.context_len}], got {d.burstiness}")
-  _require(d.rest in REST_MODES, "data.rest",
-           f"must be one of {REST_MODES}, got {d.rest!r}")
-  _require(d.num_train_classes >= 1, "data.num_train_classes", "must be >= 1")
-  _require(d.num_test_classes >= 0, "data.num_test_classes", "must be >= 0")
-  _require(1 <= d.num_train_exemplars <= d.num_exemplars, "data.num_train_exemplars",
-           f"must be in [1, data.num_exemplars={d.num_exemplars}]")
-  _require(d.num_labels >= 2, "data.num_labels", "must be >= 2")
-  _require(d.num_labels <= d.num_train_classes, "data.num_labels",
-           f"more labels ({d.num_labels}) than training classes "
-           f"({d.num_train_classes})")
-  k = distinct_classes_per_sequence(cfg)
-  _require(k <= d.num_train_classes, "data.num_train_classes",
-           f"a sequence holds {k} distinct classes but only "
-           f"{d.num_train_classes} training classes exist")
-  if d.relabel:
-    _require(k <= d.num_labels, "data.num_labels",
-             f"a sequence holds {k} distinct classes, so it needs >= {k} labels")
-  _require(_finite(d.zipf_alpha) and d.zipf_alpha >= 0, "data.zipf_alpha",
-           "must be a finite number >= 0")
-  _require(_finite(d.noise) and d.noise >= 0, "data.noise", "must be a finite number >= 0")
-  _require(_finite(d.label_holdout) and 0 <= d.label_holdout < 1, "data.label_holdout",
-           "must be in [0, 1)")
-  if d.label_holdout > 0:
-    _require(d.relabel and k == 2, "data.label_holdout",
-             "label-pair hold-out needs relabelled sequences of two classes "
-             "(data.rest='distractor', data.burstiness < data.context_len); set it to 0")
-    pairs = d.num_labels * (d.num_labels - 1) // 2
-    held = int(round(d.label_holdout * pairs))
-    _require(1 <= held < pairs, "data.label_holdout",
-             f"holds out {held} of {pairs} label pairs; need at least one on each side")
+  task.validate(cfg)
 
   _require(t.num_sequences >= t.batch_size, "train.num_sequences",
            "must be at least one batch")
@@ -343,18 +336,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   names = eval_names(cfg)
   for name in names:
-    _require(name in EVALUATORS, "eval.evaluators",
-             f"unknown evaluator {name!r}; known: {', '.join(EVALUATORS)}")
-  if "fsl_test_class" in names:
-    _require(d.num_test_classes >= k, "data.num_test_classes",
-             f"fsl_test_class needs >= {k} test classes")
-  if "fsl_val_rl" in names:
-    _require(d.label_holdout > 0, "eval.evaluators",
-             "fsl_val_rl needs data.label_holdout > 0")
-  if "fsl_train_valex" in names:
-    _require(d.num_exemplars > d.num_train_exemplars, "eval.evaluators",
-             "fsl_train_valex needs held-out exemplars (data.num_exemplars > "
-             "data.num_train_exemplars)")
+    _require(name in task.evaluators, "eval.evaluators",
+             f"unknown evaluator {name!r} of task {task.name}; known: "
+             f"{', '.join(task.evaluators)}")
+  task.validate_evaluators(cfg, names)
+  for name in _names(ev.clamp_evaluators):
+    _require(name in names, "eval.clamp_evaluators",
+             f"{name!r} is not among the evaluators ({', '.join(names)})")
   _require(ev.size >= 1, "eval.size", "must be >= 1")
   _require(ev.batch >= 1, "eval.batch", "must be >= 1")
 
@@ -363,17 +351,28 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(ck.resume_every >= 0, "checkpoint.resume_every", "must be >= 0")
   checkpoint_sequences(cfg)  # parses checkpoint.steps
 
-  from icldyn import clamps as clamps_lib  # local import: icldyn.clamps imports this module
-  clamps_lib.validate(cfg)  # clamps, clamp.*, eval.clamps
-
 
 def _finite(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _names(text: str) -> list[str]:
+  return [n.strip() for n in str(text).split(",") if n.strip()]
+
+
 def eval_names(cfg: ml_collections.ConfigDict) -> list[str]:
-  """The evaluator names of a config, in order."""
-  return [n.strip() for n in cfg.eval.evaluators.split(",") if n.strip()]
+  """The evaluator names of a config, in order (`''`: the task's defaults)."""
+  return _names(cfg.eval.evaluators) or list(task_of(cfg).default_evaluators)
+
+
+def clamp_evaluators(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Evaluators also run under `eval.clamps` (`''`: the task's headline
+  evaluator, if the config evaluates it)."""
+  names = _names(cfg.eval.clamp_evaluators)
+  if names:
+    return names
+  headline = task_of(cfg).headline.split("/")[0]
+  return [headline] if headline in eval_names(cfg) else []
 
 
 def checkpoint_sequences(cfg: ml_collections.ConfigDict) -> list[int]:

@@ -3,8 +3,10 @@
 A grid axis is `FIELD=V1,V2,...` (product) or `F1+F2=A1/B1,A2/B2` (zipped
 fields). Fields that do not change array shapes are per-run data: they become
 arrays on a leading run axis. Fields that do (layers, heads, width, context
-length, ...) split the grid into groups, each compiled once. Per-run sizes
-(training classes, labels) are padded to the group's largest value.
+length, ...) split the grid into groups, each compiled once. Which task
+fields are per-run, and which per-run sizes are padded to the group's
+largest value (training classes, labels, vocabulary), the task says
+(`icldyn.tasks.base.Task`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from typing import Any
 import ml_collections
 
 from icldyn import config as config_lib
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
 
-# Fields that are data on the run axis (no recompile).
-PER_RUN_FIELDS = (
-    "seeds.init", "seeds.data", "seeds.eval",
-    "train.learning_rate", "train.weight_decay",
-    "data.num_train_classes", "data.num_labels", "data.burstiness",
-    "data.zipf_alpha", "data.noise", "data.label_holdout",
-    "clamp.keep_head", "clamp.condition", "clamp.strength", "clamps",
-)
+# Fields of every task that are data on the run axis (no recompile); a task
+# adds its own between the optimizer's and the clamps' (runs.csv column order).
+RUN_FIELDS = ("seeds.init", "seeds.data", "seeds.eval", "train.learning_rate",
+              "train.weight_decay")
+CLAMP_FIELDS = ("clamp.keep_head", "clamp.condition", "clamp.strength", "clamps")
+
+
+def per_run_fields(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Every per-run field of a config's task, in runs.csv column order."""
+  return RUN_FIELDS + config_lib.task_of(cfg).per_run_fields + CLAMP_FIELDS
 
 
 @dataclasses.dataclass
@@ -128,13 +132,14 @@ def grid_fields(cfg: ml_collections.ConfigDict, axes: list[str] | None = None) -
 
 def run_settings(run: ml_collections.ConfigDict, extra_fields: list[str]) -> dict[str, Any]:
   """The flat per-run settings of one run (per-run fields and grid fields)."""
-  fields = list(PER_RUN_FIELDS) + [f for f in extra_fields if f not in PER_RUN_FIELDS]
+  per_run = per_run_fields(run)
+  fields = list(per_run) + [f for f in extra_fields if f not in per_run]
   return {f: config_lib.get_field(run, f) for f in fields}
 
 
 def _static_key(run: ml_collections.ConfigDict) -> str:
   d = run.to_dict()
-  for f in PER_RUN_FIELDS:
+  for f in per_run_fields(run):
     *parents, leaf = f.split(".")
     node = d
     for p in parents:
@@ -155,8 +160,6 @@ def make_groups(runs: list[ml_collections.ConfigDict], fields: list[str]) -> lis
     g.runs.append(i)
     g.settings.append(run_settings(run, fields))
   for g in order.values():
-    with g.config.unlocked():
-      g.config.data.num_train_classes = max(s["data.num_train_classes"] for s in g.settings)
-      g.config.data.num_labels = max(s["data.num_labels"] for s in g.settings)
-      g.config.data.noise = max(s["data.noise"] for s in g.settings)
+    for field in config_lib.task_of(g.config).capacity_fields:
+      config_lib.set_field(g.config, field, max(s[field] for s in g.settings))
   return list(order.values())

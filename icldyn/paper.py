@@ -35,8 +35,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     studies: which studies to run.
     toy: also run the toy model.
   """
-  from icldyn import plots, report, runner
-  from icldyn.analysis import attention, command
+  from icldyn import pipeline
   times = {}
   for study in studies:
     t0 = time.time()
@@ -46,11 +45,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     if not quiet:
       print(f"[icldyn] paper: {study} ({variant or 'paper'} variant) -> {workdir}",
             file=sys.stderr, flush=True)
-    runner.train(cfg, workdir, None, quiet=quiet)
-    command.analyze(workdir, quiet=True)
-    attention.write_attention_patterns(workdir)
-    plots.make_all(workdir)
-    report.write_report(workdir)
+    pipeline.run_study(cfg, workdir, quiet=quiet)
     times[study] = time.time() - t0
   if toy:
     from icldyn import toy as toy_lib

@@ -1,4 +1,4 @@
-"""The host loop of `icldyn train`: validate, write the workdir, train each group, resume.
+"""The host loop of `icldyn train`: check the workdir, write it, train each group, resume.
 
 Order of work: the whole grid is expanded and validated, every group's data
 table is built, every clamp plan made and the workdir checked before anything
@@ -24,7 +24,6 @@ Reliability (docs/bad_inputs.md, tests/test_reliability.py):
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import logging
@@ -37,26 +36,19 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn import build
 from icldyn import clamps as clamps_lib
 from icldyn import config as config_lib
-from icldyn import data as data_lib
 from icldyn import faults
-from icldyn import grid as grid_lib
+from icldyn import group as group_lib
 from icldyn import sharding as sharding_lib
-from icldyn import train as train_lib
-from icldyn import workdir as wd_lib
-from icldyn import xla_options
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
+from icldyn.store import checkpoints as ckpt_lib
+from icldyn.store import files as wd_lib
 
 log = logging.getLogger(__name__)
-
-# What icldyn writes in a workdir (anything else there is the user's).
-WORKDIR_ENTRIES = ("config.json", "runs.csv", "metrics.csv", "checkpoints", "tb", "analysis",
-                   "plots", "report.md", ".lock")
 
 
 class Preempted(Exception):
@@ -69,63 +61,6 @@ class WorkdirError(Exception):
   Everything written before (checkpoints, metrics) is intact; the same
   command resumes once the cause is fixed.
   """
-
-
-@dataclasses.dataclass
-class PreparedGroup:
-  group: grid_lib.Group
-  static: train_lib.Static
-  props: train_lib.Props
-  table: data_lib.Table
-
-
-@dataclasses.dataclass
-class Prepared:
-  """A validated grid, ready to train; nothing written yet."""
-  config: Any
-  axes: list[str]
-  fields: list[str]
-  groups: list[PreparedGroup]
-  num_runs: int
-
-  def resolved(self) -> dict:
-    """What config.json holds: the base config and the grid axes."""
-    return {"config": json.loads(config_lib.to_json(self.config)), "grid": list(self.axes)}
-
-
-def _check_known_fields(cfg) -> None:
-  """Refuses fields that base_config lacks (a study can add them by typo inside `unlocked()`)."""
-  def walk(node, base, prefix):
-    for key in node.keys():
-      field = f"{prefix}{key}"
-      if key not in base:
-        raise ConfigError(field, "unknown config field (not in icldyn.config.base_config)")
-      if isinstance(base[key], ml_collections.ConfigDict):
-        if not isinstance(node[key], ml_collections.ConfigDict):
-          raise ConfigError(field, f"must be a group of fields, got {node[key]!r}")
-        walk(node[key], base[key], f"{field}.")
-  walk(cfg, config_lib.base_config(), "")
-
-
-def prepare(cfg, axes: list[str] | None = None) -> Prepared:
-  """Expands, validates and builds every group of a grid (raises ConfigError)."""
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    raise ConfigError("--config", f"the config must be an ml_collections.ConfigDict, "
-                      f"got {type(cfg).__name__}")
-  _check_known_fields(cfg)
-  axes = list(axes) if axes else list(cfg.grid)
-  runs = grid_lib.expand(cfg, axes)
-  if not runs:
-    raise ConfigError("--grid", "the grid is empty")
-  fields = grid_lib.grid_fields(cfg, axes)
-  groups = []
-  for g in grid_lib.make_groups(runs, fields):
-    plan, clamp_params, eval_plans = clamps_lib.plans_for_group(g.config, g.settings)
-    static = train_lib.build_static(g.config, plan, eval_plans)
-    props = train_lib.build_props(g.settings, g.config, clamp_params)
-    table = data_lib.make_table(g.config, g.config.data.num_train_classes, g.config.data.num_labels)
-    groups.append(PreparedGroup(g, static, props, table))
-  return Prepared(config=cfg, axes=axes, fields=fields, groups=groups, num_runs=len(runs))
 
 
 # --------------------------------------------------------------------------
@@ -141,12 +76,22 @@ def _diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [prefix.rstrip(".")]
 
 
+def _with_defaults(resolved: dict) -> dict:
+  """A stored config.json with fields added since it was written set to their defaults
+  (`task.name`: a workdir from before tasks existed trained the few-shot task)."""
+  try:
+    cfg, axes = config_lib.from_json(resolved)
+  except (KeyError, TypeError, ValueError):
+    return resolved
+  return {"config": json.loads(config_lib.to_json(cfg)), "grid": axes}
+
+
 def _ours(name: str) -> bool:
   base, mark, pid = name.rpartition(wd_lib.TMP_MARK)
-  return name in WORKDIR_ENTRIES or bool(mark and base in WORKDIR_ENTRIES and pid.isdigit())
+  return name in wd_lib.ENTRIES or bool(mark and base in wd_lib.ENTRIES and pid.isdigit())
 
 
-def check_workdir(workdir: str, prepared: Prepared, overwrite: bool) -> bool:
+def check_workdir(workdir: str, prepared: build.Prepared, overwrite: bool) -> bool:
   """Checks the workdir without changing it; returns True when it holds this grid (resume).
 
   Raises:
@@ -168,7 +113,7 @@ def check_workdir(workdir: str, prepared: Prepared, overwrite: bool) -> bool:
     raise ConfigError("--workdir", f"{target} is on a read-only file system")
   if target != path:
     return False
-  cfg_path = os.path.join(path, "config.json")
+  cfg_path = os.path.join(path, wd_lib.CONFIG_JSON)
   if not os.path.exists(cfg_path):
     foreign = sorted(n for n in os.listdir(path) if not _ours(n))
     if foreign:
@@ -186,7 +131,7 @@ def check_workdir(workdir: str, prepared: Prepared, overwrite: bool) -> bool:
       return False
     raise ConfigError("--workdir", f"{cfg_path} is unreadable ({e}); "
                       "use another workdir or --overwrite") from None
-  diff = _diff_fields(old, prepared.resolved())
+  diff = _diff_fields(_with_defaults(old), prepared.resolved())
   if not diff:
     return True
   if overwrite:
@@ -200,7 +145,7 @@ class _Lock:
   """An exclusive flock on DIR/.lock for the duration of training (creates DIR)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
+    self.path = os.path.join(workdir, wd_lib.LOCK)
     self.fd = None
 
   def __enter__(self):
@@ -228,17 +173,17 @@ class _Lock:
 
 def _clear_workdir(workdir: str) -> None:
   """Removes what an earlier icldyn run wrote (config.json first: the workdir is then "new")."""
-  cfg_path = os.path.join(workdir, "config.json")
+  cfg_path = os.path.join(workdir, wd_lib.CONFIG_JSON)
   if os.path.exists(cfg_path):
     os.remove(cfg_path)
     wd_lib.fsync_dir(workdir)
   for name in os.listdir(workdir):
     p = os.path.join(workdir, name)
-    if name != ".lock" and _ours(name):
+    if name != wd_lib.LOCK and _ours(name):
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def run_rows(prepared: Prepared, status: dict[int, tuple[str, int]] | None = None) -> list[dict]:
+def run_rows(prepared: build.Prepared, status: dict[int, tuple[str, int]] | None = None) -> list[dict]:
   """The rows of runs.csv."""
   rows = []
   for pg in prepared.groups:
@@ -254,7 +199,7 @@ def run_rows(prepared: Prepared, status: dict[int, tuple[str, int]] | None = Non
 
 
 def _read_status(workdir: str) -> dict[int, tuple[str, int]]:
-  path = os.path.join(workdir, "runs.csv")
+  path = os.path.join(workdir, wd_lib.RUNS_CSV)
   if not os.path.exists(path):
     return {}
   out = {}
@@ -313,14 +258,6 @@ def threading_main() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def _compile(fn, *args, opt_level: int | None = None):
-  """AOT-compiles a jitted function (optionally at a lower XLA optimisation level)."""
-  options = dict(xla_options.compiler_options(jax.default_backend()))
-  if opt_level is not None:
-    options["xla_backend_optimization_level"] = opt_level
-  return fn.lower(*args).compile(compiler_options=options)
-
-
 # --------------------------------------------------------------------------
 # Training.
 
@@ -349,7 +286,7 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
   t0 = time.time()
   status: dict[int, tuple[str, int]] = {}
   with _StopFlag() as stop:
-    prepared = prepare(cfg, axes)
+    prepared = build.prepare(cfg, axes)
     resuming = check_workdir(workdir, prepared, overwrite)
     if stop.signum is not None:
       raise stop.preempted("before training began", saved=False)
@@ -373,17 +310,17 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
           "seconds": time.time() - t0}
 
 
-def _train_all(prepared: Prepared, workdir: str, resuming: bool, quiet: bool, stop: _StopFlag,
+def _train_all(prepared: build.Prepared, workdir: str, resuming: bool, quiet: bool, stop: _StopFlag,
                status: dict[int, tuple[str, int]]) -> None:
   """Writes the workdir's files and trains every group, filling `status` per run."""
   wd_lib.remove_stale_tmp(workdir)
   if not resuming:
     _clear_workdir(workdir)
-    wd_lib.write_json(os.path.join(workdir, "config.json"), prepared.resolved())
-  runs_path = os.path.join(workdir, "runs.csv")
+    wd_lib.write_json(os.path.join(workdir, wd_lib.CONFIG_JSON), prepared.resolved())
+  runs_path = os.path.join(workdir, wd_lib.RUNS_CSV)
   wd_lib.write_runs(runs_path, run_rows(prepared, _read_status(workdir)))
-  metrics = wd_lib.MetricsFile(os.path.join(workdir, "metrics.csv"))
-  tb = wd_lib.TensorBoard(os.path.join(workdir, "tb"))
+  metrics = wd_lib.MetricsFile(os.path.join(workdir, wd_lib.METRICS_CSV))
+  tb = wd_lib.TensorBoard(os.path.join(workdir, wd_lib.TB_DIR))
   try:
     for pg in prepared.groups:
       if stop.signum is not None:
@@ -396,13 +333,6 @@ def _train_all(prepared: Prepared, workdir: str, resuming: bool, quiet: bool, st
       tb.close()
     except OSError:
       pass  # already failing; the first error is the one to report
-
-
-def _resume_tree(state, acc: dict, t: int) -> dict:
-  """A resume state: the train state, the training-loss accumulators, the step."""
-  return {"state": jax.device_get(state), "acc_loss": np.asarray(acc["loss"]),
-          "acc_grad_norm": np.asarray(acc["grad_norm"]),
-          "acc_count": np.int64(acc["count"]), "t": np.int64(t)}
 
 
 def _restore(store: ckpt_lib.Store, like: dict, label: str) -> dict | None:
@@ -421,7 +351,7 @@ def _restore(store: ckpt_lib.Store, like: dict, label: str) -> dict | None:
   return restored
 
 
-def _train_group(pg: PreparedGroup, prepared: Prepared, workdir: str,
+def _train_group(pg: build.PreparedGroup, prepared: build.Prepared, workdir: str,
                  metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool,
                  stop: _StopFlag) -> dict[int, tuple[str, int]]:
   """Trains (or resumes) one compile group; returns {run: (status, diverged sequences)}."""
@@ -435,44 +365,34 @@ def _train_group(pg: PreparedGroup, prepared: Prepared, workdir: str,
 class _GroupRun:
   """The host loop of one group: chunks of steps between events, resume, preemption."""
 
-  def __init__(self, pg: PreparedGroup, prepared: Prepared, store: ckpt_lib.Store,
+  def __init__(self, pg: build.PreparedGroup, prepared: build.Prepared, store: ckpt_lib.Store,
                metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool, stop: _StopFlag):
     self.g, self.static = pg.group, pg.static
     self.store, self.metrics, self.tb, self.quiet, self.stop = store, metrics, tb, quiet, stop
-    cfg = self.g.config
-    self.r = len(self.g.runs)
-    self.mesh = sharding_lib.run_mesh(self.r)
-    self.rp = sharding_lib.padded_count(self.r, self.mesh)
-    self.props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, self.r, self.rp), self.mesh)
-    self.table = sharding_lib.replicate(pg.table, self.mesh)
-    self.batch = batch = self.static.batch_size
-    self.total = -(-cfg.train.num_sequences // batch)
-    self.evals = set(train_lib.eval_steps(self.total, batch, cfg.train.eval_every))
-    self.ckpts = set(ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.every,
-                                       config_lib.checkpoint_sequences(cfg), cfg.checkpoint.log_num,
-                                       batch))
-    resumes = ([] if cfg.checkpoint.resume_every <= 0 else
-               ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.resume_every, [], 0, batch))
-    self.resumes = set(resumes) | {self.total}
-    self.events = sorted(self.evals | self.ckpts | self.resumes)
+    self.placed = group_lib.Placed(pg)
+    self.r, self.rp = self.placed.runs, self.placed.padded
+    self.batch = self.static.batch_size
+    self.sched = group_lib.schedule(self.g.config, self.batch)
+    self.total = self.sched.total
+    self.evals, self.ckpts = set(self.sched.evals), set(self.sched.ckpts)
+    self.resumes = set(self.sched.resumes)
+    self.events = self.sched.events
+    self.headline = group_lib.headline(self.g.config)
     self.label = f" g{self.g.index + 1}/{len(prepared.groups)}" if len(prepared.groups) > 1 else ""
     self.last_loss = None
     self.saved_at = None  # the step of the newest resume checkpoint of this state
 
   def run(self) -> dict[int, tuple[str, int]]:
     tc = time.time()
-    init, chunk, evaluate = train_lib.make_programs(self.static, self.mesh)
-    init_c = _compile(init, self.props, opt_level=0)  # runs once: compile fast rather than run fast
-    self.state = init_c(self.props)
-    self.acc = {"loss": np.zeros(self.rp), "grad_norm": np.zeros(self.rp), "count": 0}
+    self.state = self.placed.initial_state()
+    self.acc = group_lib.empty_accumulator(self.rp)
     t = 0
     # Everything up to and including a resume checkpoint's step was written
     # before it; everything after is dropped here and redone.
-    restored = _restore(self.store, _resume_tree(self.state, self.acc, 0), self.label)
+    restored = _restore(self.store, group_lib.resume_tree(self.state, self.acc, 0), self.label)
     if restored is not None:
-      self.state = sharding_lib.shard_runs(restored["state"], self.mesh)
-      self.acc = {"loss": restored["acc_loss"], "grad_norm": restored["acc_grad_norm"],
-                  "count": int(restored["acc_count"])}
+      self.state = self.placed.shard(restored["state"])
+      self.acc = group_lib.accumulator_of(restored)
       t = self.saved_at = int(restored["t"])
     kept = t * self.batch if t > 0 else -1
     self.metrics.truncate_after(set(self.g.runs), kept)
@@ -482,11 +402,10 @@ class _GroupRun:
       print(f"[icldyn]{self.label} resuming at {t * self.batch} sequences", file=sys.stderr,
             flush=True)
     if t < self.total:
-      self.chunk_c = _compile(chunk, self.state, self.props, self.table, 0, 1)
-      self.eval_c = _compile(evaluate, self.state, self.props, self.table)
+      self.chunk_c, self.eval_c = self.placed.compile_training(self.state)
       if not self.quiet:
         print(f"[icldyn]{self.label} {self.r} runs ({self.rp - self.r} padding) on "
-              f"{self.mesh.devices.size} device(s), compiled in {time.time() - tc:.1f}s",
+              f"{self.placed.mesh.devices.size} device(s), compiled in {time.time() - tc:.1f}s",
               file=sys.stderr, flush=True)
       self._loop(t)
     div = jax.device_get((self.state.diverged, self.state.diverged_step))
@@ -494,7 +413,8 @@ class _GroupRun:
             for i, run in enumerate(self.g.runs)}
 
   def _loop(self, t: int) -> None:
-    progress = train_lib.Progress(self.g.config.train.num_sequences, self.quiet, label=self.label)
+    progress = group_lib.Progress(self.g.config.train.num_sequences, self.quiet, label=self.label,
+                                  headline=" ".join(self.headline))
     if self.saved_at is None:
       self._events(t)  # a restored state's events were done before its checkpoint
     progress.update(t * self.batch, self.last_loss)
@@ -503,7 +423,8 @@ class _GroupRun:
         continue
       while t < nxt and self.stop.signum is None:
         n = min(self.static.scan_steps, nxt - t)
-        self.state, (losses, gnorms) = self.chunk_c(self.state, self.props, self.table, t, n)
+        self.state, (losses, gnorms) = self.chunk_c(self.state, self.placed.props,
+                                                    self.placed.table, t, n)
         losses, gnorms = jax.device_get((losses, gnorms))
         self.acc["loss"] = self.acc["loss"] + np.sum(losses[:n].astype(np.float64), axis=0)
         self.acc["grad_norm"] = self.acc["grad_norm"] + np.sum(gnorms[:n].astype(np.float64), axis=0)
@@ -524,11 +445,11 @@ class _GroupRun:
     g, r, batch = self.g, self.r, self.batch
     if t in self.evals:
       rows = []
-      out = jax.device_get(self.eval_c(self.state, self.props, self.table))
+      out = jax.device_get(self.eval_c(self.state, self.placed.props, self.placed.table))
       if t > 0 and self.acc["count"] > 0:
         out["train"] = {"loss": self.acc["loss"] / self.acc["count"],
                         "grad_norm": self.acc["grad_norm"] / self.acc["count"]}
-        self.acc = {"loss": np.zeros(self.rp), "grad_norm": np.zeros(self.rp), "count": 0}
+        self.acc = group_lib.empty_accumulator(self.rp)
       per_run = [{} for _ in g.runs]
       for ev in sorted(out):
         for m in sorted(out[ev]):
@@ -540,8 +461,9 @@ class _GroupRun:
       self.metrics.append(rows)
       for run, values in zip(g.runs, per_run):
         self.tb.scalars(run, values, t * batch)
-      if "fsl_train" in out:
-        self.last_loss = float(np.mean(np.asarray(out["fsl_train"]["loss"])[:r]))
+      ev, metric = self.headline
+      if metric in out.get(ev, {}):
+        self.last_loss = float(np.mean(np.asarray(out[ev][metric])[:r]))
     if t in self.ckpts and t > 0:
       self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], self.state.params))
     if t in self.resumes and t > 0:
@@ -549,5 +471,5 @@ class _GroupRun:
 
   def _save_resume(self, t: int) -> None:
     self.tb.flush()  # TensorBoard events up to t reach the disk before the state that skips them
-    self.store.save_state(t * self.batch, _resume_tree(self.state, self.acc, t))
+    self.store.save_state(t * self.batch, group_lib.resume_tree(self.state, self.acc, t))
     self.saved_at = t

@@ -1,4 +1,4 @@
-"""Training: loss, the pure step, the grid chunk (vmap · scan · jit), evaluation, the host loop.
+"""Training: the loss, the pure step, evaluation, and the grid programs (vmap · scan · jit · shard).
 
 The step of one run is a pure function `(state, props, step) -> state`. The
 grid applies it with `jax.vmap` over the run axis (sharded over devices) and
@@ -8,43 +8,50 @@ on an unbatched predicate, so one program serves every chunk length.
 
 A run's data at step t comes from `fold_in(key(seeds.data), t)`, so the
 trajectory does not depend on chunking, evaluation frequency, grid size or
-the run's position in the grid.
+the run's position in the grid. Everything about the data, the loss and the
+metrics is the task's (`Static.task`, `icldyn.tasks.base.TaskSpec`); this
+module never asks which task it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import sys
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from icldyn import checkpoint as ckpt_lib
-from icldyn import config as config_lib
-from icldyn import data as data_lib
-from icldyn import metrics as metrics_lib
 from icldyn import model as model_lib
 from icldyn import sharding as sharding_lib
+from icldyn.clamps import Plan
+from icldyn.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-_TRAIN_STREAM, _EVAL_STREAM = 1, 2  # fold_in tags separating the key streams
+TRAIN_STREAM, EVAL_STREAM = 1, 2  # fold_in tags separating the key streams
 
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """Everything shape-level about a group (hashable: it keys compilation)."""
+  """Everything shape-level about a group (hashable: it keys compilation).
+
+  Attributes:
+    model: the model (its front end is the task's).
+    task: the task's static spec: samplers, loss, evaluators, metrics.
+    batch_size, eval_size, eval_batch: sequences per step, per evaluator,
+      per evaluation micro-batch.
+    optimizer, b1, b2, eps: the optimizer.
+    scan_steps: steps per compiled chunk.
+    plan: the clamp plan used in training, or None.
+    eval_plans: named clamps for evaluation, as (name, plan).
+    clamp_evaluators: evaluators also run under `eval_plans`.
+  """
   model: model_lib.ModelSpec
-  train_seq: data_lib.SeqSpec
-  evals: tuple[tuple[str, data_lib.SeqSpec], ...]
+  task: TaskSpec
   batch_size: int
   eval_size: int
   eval_batch: int
@@ -53,19 +60,26 @@ class Static:
   b2: float
   eps: float
   scan_steps: int
-  plan: Any = None  # clamp plan used in training (icldyn.clamps), or None
-  eval_plans: tuple[tuple[str, Any], ...] = ()  # named clamps for evaluation
-  clamp_evaluators: tuple[str, ...] = ("fsl_train",)  # evaluators also run under eval_plans
+  plan: Plan | None = None
+  eval_plans: tuple[tuple[str, Plan], ...] = ()
+  clamp_evaluators: tuple[str, ...] = ()
 
 
 class Props(NamedTuple):
-  """Per-run settings as arrays (leading run axis in a grid)."""
+  """Per-run settings as arrays (leading run axis in a grid).
+
+  Attributes:
+    init_seed, data_seed, eval_seed: [] uint32 seeds.
+    learning_rate, weight_decay: [] float32.
+    data: the task's per-run props (with a `num_outputs` field or property).
+    clamp: the per-run clamp arrays of `Static.plan`, or None.
+  """
   init_seed: jax.Array
   data_seed: jax.Array
   eval_seed: jax.Array
   learning_rate: jax.Array
   weight_decay: jax.Array
-  data: data_lib.DataProps
+  data: Any
   clamp: Any
 
 
@@ -94,18 +108,17 @@ def _moments(static: Static) -> optax.GradientTransformation:
   return optax.identity()
 
 
-def forward(static: Static, params, batch: data_lib.Batch, props: Props, plan=None):
+def forward(static: Static, params, batch, props: Props, plan: Plan | None = None):
   """Logits and activations of one run's batch, under `plan`'s clamps if any."""
   if plan is None:
-    return model_lib.apply(static.model, params, batch.inputs, batch.labels,
-                           props.data.num_labels, table_rows=batch.table_rows)
-  return plan.forward(static.model, params, batch, props.data.num_labels, props.clamp)
+    return model_lib.apply(static.model, params, batch, props.data.num_outputs)
+  return plan.forward(static.model, params, batch, props.data.num_outputs, props.clamp)
 
 
-def loss_fn(params, static: Static, batch: data_lib.Batch, props: Props) -> jax.Array:
-  """Mean query cross-entropy of a batch."""
+def loss_fn(params, static: Static, batch, props: Props) -> jax.Array:
+  """The task's training loss of a batch (under the training clamps)."""
   logits, _ = forward(static, params, batch, props, static.plan)
-  return jnp.mean(metrics_lib.query_xent(logits[:, -1], batch.labels[:, -1]))
+  return static.task.loss(logits, batch)
 
 
 def init_state(static: Static, props: Props) -> TrainState:
@@ -115,14 +128,20 @@ def init_state(static: Static, props: Props) -> TrainState:
                     jnp.asarray(-1, jnp.int32))
 
 
-def train_batch(static: Static, table: data_lib.Table, props: Props, step) -> data_lib.Batch:
-  """The training batch of optimizer step `step` (0-based)."""
+def train_batch(static: Static, table, props: Props, step):
+  """The training batch of optimizer step `step` (0-based); `table`: the group's shared arrays."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(props.data_seed),
-                                              _TRAIN_STREAM), step)
-  return data_lib.sample_batch(key, table, props.data, static.train_seq, static.batch_size)
+                                              TRAIN_STREAM), step)
+  return static.task.sample(key, table, props.data, "train", static.batch_size)
 
 
-def candidate_step(static: Static, table: data_lib.Table, state: TrainState, props: Props,
+def eval_key(static: Static, eval_seed: jax.Array, evaluator: str) -> jax.Array:
+  """The key of a run's fixed evaluation set of `evaluator` (sequence i: `fold_in(key, i)`)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(eval_seed), EVAL_STREAM),
+                            static.task.evaluator_index(evaluator))
+
+
+def candidate_step(static: Static, table, state: TrainState, props: Props,
                    step) -> tuple[TrainState, jax.Array, tuple[jax.Array, jax.Array]]:
   """One unguarded optimizer step of one run.
 
@@ -167,7 +186,7 @@ def guard(old: TrainState, new: TrainState, ok: jax.Array, step) -> TrainState:
                               jnp.asarray(step, jnp.int32) + 1))
 
 
-def train_step(static: Static, table: data_lib.Table, state: TrainState, props: Props,
+def train_step(static: Static, table, state: TrainState, props: Props,
                step) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
   """One optimizer step of one run.
 
@@ -182,41 +201,28 @@ def train_step(static: Static, table: data_lib.Table, state: TrainState, props: 
   return guard(state, new, ok, step), out
 
 
-def evaluate_run(static: Static, table: data_lib.Table, params, props: Props) -> dict:
+def evaluate_run(static: Static, table, params, props: Props) -> dict:
   """All evaluators of one run on their fixed evaluation sets.
 
   Returns:
-    {evaluator: {metric: scalar}}; evaluators under named clamps appear as
-    `{evaluator}@{clamp}`. The fsl_train evaluator also reports per-head
-    `induction_strength.h{h}` (last layer) and `prev_token.h{h}` (first layer).
+    {evaluator: {metric: scalar}}, the task's metrics; evaluators under
+    named clamps appear as `{evaluator}@{clamp}`.
   """
   out = {}
+  task = static.task
   n_chunks = -(-static.eval_size // static.eval_batch)
-  for name, spec in static.evals:
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(props.eval_seed),
-                                                _EVAL_STREAM),
-                             config_lib.EVALUATORS.index(name))
+  for name in task.evaluators:
+    key = eval_key(static, props.eval_seed, name)
     extra = static.eval_plans if name in static.clamp_evaluators else ()
     for plan_name, plan in ((None, static.plan),) + extra:
       def chunk(c, plan=plan):
-        batch = data_lib.sample_batch(key, table, props.data, spec, static.eval_batch,
-                                      c * static.eval_batch)
+        batch = task.sample(key, table, props.data, name, static.eval_batch,
+                            c * static.eval_batch)
         logits, acts = forward(static, params, batch, props, plan)
-        terms = metrics_lib.per_sequence(logits, batch.labels)
-        if name == "fsl_train":  # per-head scores are reported for fsl_train only
-          last = acts[f"layer_{static.model.num_layers - 1}"]["attn"]["pattern"]
-          first = acts["layer_0"]["attn"]["pattern"]
-          terms["induction"] = metrics_lib.induction_strength(last, batch.classes)
-          terms["prev_token"] = metrics_lib.prev_token_score(first)
-        return terms
+        return task.eval_terms(name, logits, acts, batch)
       terms = lax.map(chunk, jnp.arange(n_chunks))
       terms = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:static.eval_size], terms)
-      result = metrics_lib.reduce_sequences(terms)
-      if name == "fsl_train":
-        for h in range(static.model.num_heads):
-          result[f"induction_strength.h{h}"] = jnp.mean(terms["induction"][:, h])
-          result[f"prev_token.h{h}"] = jnp.mean(terms["prev_token"][:, h])
-      out[name if plan_name is None else f"{name}@{plan_name}"] = result
+      out[name if plan_name is None else f"{name}@{plan_name}"] = task.reduce(name, terms)
   return out
 
 
@@ -271,83 +277,3 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
   evaluate = jax.jit(jax.vmap(lambda st, pr, tb: evaluate_run(static, tb, st.params, pr),
                               (0, 0, None)))
   return init, chunk_jit, evaluate
-
-
-def eval_steps(total: int, batch: int, every: int) -> list[int]:
-  """Steps after which to evaluate: 0, the first step past each multiple of
-  `every` sequences, and the last step."""
-  steps = {0, total}
-  for t in range(1, total + 1):
-    if (t * batch) // every > ((t - 1) * batch) // every:
-      steps.add(t)
-  return sorted(steps)
-
-
-# --------------------------------------------------------------------------
-# Host side.
-
-
-class Progress:
-  """A progress line on stderr at most every `interval` seconds."""
-
-  def __init__(self, total_seqs: int, quiet: bool, interval: float = 5.0, label: str = ""):
-    self.total, self.quiet, self.interval, self.label = total_seqs, quiet, interval, label
-    self.t0 = time.time()
-    self.last = 0.0
-    self.start_seqs = None
-
-  def update(self, seqs: int, loss: float | None, force: bool = False) -> None:
-    if self.quiet:
-      return
-    now = time.time()
-    if self.start_seqs is None:
-      self.start_seqs, self.t0 = seqs, now
-      return
-    if not force and now - self.last < self.interval:
-      return
-    self.last = now
-    rate = (seqs - self.start_seqs) / max(now - self.t0, 1e-9)
-    eta = max(self.total - seqs, 0) / rate if rate > 0 else float("inf")
-    loss_s = f"  fsl_train loss {loss:.4f}" if loss is not None else ""
-    eta_s = f"{eta:6.0f}s" if math.isfinite(eta) else "     ?"
-    print(f"[icldyn]{self.label} {seqs:>10d}/{self.total} seqs  {rate:8.0f} seq/s/run  "
-          f"ETA {eta_s}{loss_s}", file=sys.stderr, flush=True)
-
-
-def build_static(cfg, plan=None, eval_plans=()) -> Static:
-  """The static description of a group from its (capacity-padded) config."""
-  m, d, t = cfg.model, cfg.data, cfg.train
-  spec = model_lib.ModelSpec(
-      num_layers=m.num_layers, num_heads=m.num_heads, d_model=m.d_model,
-      num_labels=d.num_labels, context_len=d.context_len, input_dim=d.dim,
-      pos_embedding=m.pos_embedding, layer_norm=m.layer_norm, mlp_ratio=m.mlp_ratio,
-      rope_base=m.rope_base)
-  noise = d.noise > 0
-  eval_batch = min(cfg.eval.batch, cfg.eval.size)
-
-  evals = tuple((n, data_lib.seq_spec(cfg, n, d.num_train_classes, noise, eval_batch))
-                for n in config_lib.eval_names(cfg))
-  total = -(-t.num_sequences // t.batch_size)
-  scan = t.scan_steps or max(1, min(total, -(-t.eval_every // t.batch_size), 200))
-  train_seq = data_lib.seq_spec(cfg, "train", d.num_train_classes, noise, t.batch_size)
-  return Static(model=spec, train_seq=train_seq,
-                evals=evals, batch_size=t.batch_size, eval_size=cfg.eval.size,
-                eval_batch=eval_batch, optimizer=t.optimizer,
-                b1=t.b1, b2=t.b2, eps=t.eps, scan_steps=scan, plan=plan, eval_plans=tuple(eval_plans),
-                clamp_evaluators=tuple(n.strip() for n in cfg.eval.clamp_evaluators.split(",")
-                                       if n.strip()))
-
-
-def build_props(settings: list[dict], cfg, clamp_params=None) -> Props:
-  """Stacked per-run props (numpy, leading run axis) of a group."""
-  caps = (cfg.data.num_train_classes, cfg.data.num_labels)
-  data = [data_lib.make_data_props(s, *caps) for s in settings]
-  stack = lambda xs: np.stack(xs)
-  return Props(
-      init_seed=np.asarray([s["seeds.init"] for s in settings], np.uint32),
-      data_seed=np.asarray([s["seeds.data"] for s in settings], np.uint32),
-      eval_seed=np.asarray([s["seeds.eval"] for s in settings], np.uint32),
-      learning_rate=np.asarray([s["train.learning_rate"] for s in settings], np.float32),
-      weight_decay=np.asarray([s["train.weight_decay"] for s in settings], np.float32),
-      data=jax.tree.map(lambda *xs: stack(xs), *data),
-      clamp=clamp_params)

@@ -2,7 +2,8 @@
 
 Writes `analysis/attention_patterns.npz` (keys `patterns [n_ckpt, L, H, T, T]`,
 `steps [n_ckpt]`, `run`), which `icldyn.plots.make_all` draws. Patterns are
-averaged over the run's first 256 fsl_train evaluation sequences.
+averaged over the run's first 256 evaluation sequences of the task's
+analysis evaluator (`fsl_train` for the few-shot task).
 """
 
 from __future__ import annotations
@@ -14,23 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from icldyn import config as config_lib
 from icldyn import model as model_lib
 from icldyn.analysis import loader, measures
+from icldyn.store import files as wd_lib
 
-OUTPUT = os.path.join("analysis", "attention_patterns.npz")
+OUTPUT = wd_lib.ATTENTION_NPZ
 
 
 def default_steps(workdir: str, run: int, steps: list[int]) -> list[int]:
   """Three stream steps: first, nearest the run's threshold midpoint, last.
 
-  The midpoint comes from analysis/phase_changes.csv (curve fsl_train/loss,
-  estimator threshold); without one, the middle checkpoint is used.
+  The midpoint comes from analysis/phase_changes.csv (the task's headline
+  curve, `fsl_train/loss` for the few-shot task; estimator threshold);
+  without one, the middle checkpoint is used.
   """
   mid = None
-  path = os.path.join(workdir, "analysis", "phase_changes.csv")
+  path = os.path.join(workdir, wd_lib.PHASE_CHANGES_CSV)
+  curve = config_lib.task_of(loader.open_workdir(workdir).config).headline
   if os.path.exists(path):
     for r in csv.DictReader(open(path)):
-      if (r.get("run") == str(run) and r.get("curve") == "fsl_train/loss"
+      if (r.get("run") == str(run) and r.get("curve") == curve
           and r.get("estimator") == "threshold" and r.get("crossed", "").lower() == "true"):
         mid = float(r["midpoint"])
   middle = steps[len(steps) // 2] if mid is None else min(steps, key=lambda s: abs(s - mid))
@@ -49,12 +54,13 @@ def write_attention_patterns(workdir: str, run: int = 0, steps: list[int] | None
   steps = steps or default_steps(workdir, run, available)
   pg = wd.prepared().groups[group]
   props = jax.tree.map(lambda x: np.asarray(x)[index:index + 1], pg.props)
-  batch = jax.tree.map(lambda x: x[0], measures.eval_batch(pg.group.config, pg.table, props, size))
+  batch = jax.tree.map(lambda x: x[0], measures.eval_batch(pg.static, pg.table, props, size))
   spec = pg.static.model
+  num_outputs = jax.tree.map(lambda x: x[0], props.data).num_outputs
 
   @jax.jit
   def patterns(params):
-    _, acts = model_lib.apply(spec, params, batch.inputs, batch.labels, props.data.num_labels[0])
+    _, acts = model_lib.apply(spec, params, batch, num_outputs)
     return jnp.stack([acts[f"layer_{l}"]["attn"]["pattern"].mean(0) for l in range(spec.num_layers)])
 
   out = np.stack([np.asarray(patterns(loader.restore_run(wd, s, run))) for s in steps])

@@ -49,19 +49,19 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from icldyn import workdir as wd_lib
+from icldyn import config as config_lib
 from icldyn.analysis import loader
 from icldyn.analysis import measures as measures_lib
 from icldyn.analysis import summary as summary_lib
 from icldyn.analysis import timing as timing_lib
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
+from icldyn.store import files as wd_lib
 
 log = logging.getLogger(__name__)
 
-PROGRESS_COLUMNS = ("step", "run", "measure", "layer", "head", "layer2", "head2", "value")
-TIMING_COLUMNS = ("curve", "estimator", "onset", "midpoint", "end", "crossed", "fit_r2")
-SUMMARY_COLUMNS = ("curve", "estimator", "timing", "n_seeds", "n_crossed", "mean", "std",
-                   "ci_low", "ci_high")
+PROGRESS_COLUMNS = wd_lib.PROGRESS_COLUMNS
+TIMING_COLUMNS = wd_lib.TIMING_COLUMNS
+SUMMARY_COLUMNS = wd_lib.SUMMARY_COLUMNS
 ESTIMATORS = ("threshold", "logistic", "steepest")
 # Which timings each estimator reports (the threshold crossing has no onset or end).
 TIMINGS = {"threshold": ("midpoint",), "logistic": ("onset", "midpoint", "end"),
@@ -160,8 +160,9 @@ def time_curve(steps: np.ndarray, values: np.ndarray, spec: CurveSpec,
   return timing_lib.time_all(steps, y, estimators, direction=spec.direction, level=spec.level)
 
 
-def default_curves() -> list[CurveSpec]:
-  return [parse_curve("fsl_train/loss"), parse_curve("fsl_train/induction_strength")]
+def default_curves(task) -> list[CurveSpec]:
+  """The curves a task's workdirs are timed by unless `--curve` says otherwise."""
+  return [parse_curve(c) for c in task.default_curves]
 
 
 def parse_measures(measures: str | Sequence[str] | None) -> tuple[list[str], bool]:
@@ -249,7 +250,7 @@ def _progress_group(wd: loader.Workdir, pg, program: measures_lib.Program, out: 
   props = jax.device_put(pg.props)
   batch = None
   if program.needs_batch:
-    batch = jax.device_put(measures_lib.eval_batch(pg.group.config, pg.table, pg.props, eval_size))
+    batch = jax.device_put(measures_lib.eval_batch(pg.static, pg.table, pg.props, eval_size))
   t0 = time.time()
 
   def flush(item):
@@ -452,7 +453,7 @@ def _natural(name: str):
 
 
 def _logged(metric: str, prefixes: Sequence[str]) -> bool:
-  """Whether an fsl_train metric is one of LOGGED_BY_TRAIN's (`x.h` prefixes a head)."""
+  """Whether a headline-evaluator metric is one training logs (`x.h` prefixes a head)."""
   return any(metric == p or (p.endswith(".h") and metric.startswith(p)) for p in prefixes)
 
 
@@ -463,26 +464,30 @@ def _read_metric_curves(wd: loader.Workdir, specs: Sequence[CurveSpec], reuse: b
     ({(evaluator, metric): {run: Curve}}, every (evaluator, metric) in the file).
   """
   seen: set[tuple[str, str]] = set()
-  logged = [p for ps in measures_lib.LOGGED_BY_TRAIN.values() for p in ps] if reuse else []
+  task = config_lib.task_of(wd.config)
+  headline = task.headline.split("/")[0]
+  logged = ([p for ps in measures_lib.logged_by_train(task.induction_metric).values() for p in ps]
+            if reuse else [])
 
   def keep(evaluator: str, metric: str) -> bool:
     seen.add((evaluator, metric))
-    if evaluator == "fsl_train" and _logged(metric, logged):
+    if evaluator == headline and _logged(metric, logged):
       return True  # to check that every run has them
     return any(s.source == evaluator and s.matches(metric) for s in specs)
 
   return loader.read_metrics(wd.path, keep), seen
 
 
-def _drop_logged(names: list[str], metrics, run_ids: set[int]) -> list[str]:
+def _drop_logged(names: list[str], metrics, run_ids: set[int], task) -> list[str]:
   """Data measures minus those training logged for every run (reused from metrics.csv)."""
   out = list(names)
-  for m, prefixes in measures_lib.LOGGED_BY_TRAIN.items():
-    have = [k for k in metrics if k[0] == "fsl_train" and _logged(k[1], prefixes)]
+  headline = task.headline.split("/")[0]
+  for m, prefixes in measures_lib.logged_by_train(task.induction_metric).items():
+    have = [k for k in metrics if k[0] == headline and _logged(k[1], prefixes)]
     found = {p for k in have for p in prefixes if _logged(k[1], [p])}
     if m in out and found == set(prefixes) and all(run_ids <= set(metrics[k]) for k in have):
       out.remove(m)
-      log.info("measure %s: reusing fsl_train/{%s} of metrics.csv", m,
+      log.info("measure %s: reusing %s/{%s} of metrics.csv", m, headline,
                ",".join(p + ("*" if p.endswith(".h") else "") for p in prefixes))
   return out
 
@@ -545,8 +550,8 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
       that metrics.csv already has for every run are reused, not
       recomputed), 'all', or names from `measures.MEASURES` as a list or
       comma-separated string ('' for none).
-    curves: curve specs `SOURCE/NAME[:up|down[:LEVEL]]` (replace the
-      defaults, `fsl_train/loss` and each head's induction strength).
+    curves: curve specs `SOURCE/NAME[:up|down[:LEVEL]]` (replace the task's
+      defaults; few-shot: `fsl_train/loss` and each head's induction strength).
     quiet: no table on stdout (log lines follow the logging set-up; the
       CLI silences them with --quiet).
     eval_size: sequences per run in the analysis batch of data measures.
@@ -567,23 +572,25 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   """
   t0 = time.time()
   wd = loader.open_workdir(workdir)
+  task = config_lib.task_of(wd.config)
   names, is_default = parse_measures(measures)
-  specs = [parse_curve(c) for c in curves] if curves else default_curves()
+  specs = [parse_curve(c) for c in curves] if curves else default_curves(task)
   bad = [e for e in estimators if e not in timing_lib.ESTIMATORS]
   if bad:
     raise ConfigError("estimators", f"unknown {bad}; known: {list(timing_lib.ESTIMATORS)}")
 
   metrics, seen = _read_metric_curves(wd, [s for s in specs if s.source != PROGRESS], is_default)
   if is_default:
-    names = _drop_logged(names, metrics, {int(r["run"]) for r in wd.runs})
+    names = _drop_logged(names, metrics, {int(r["run"]) for r in wd.runs}, task)
   curve_data, progress_specs = _resolve_metric_curves(specs, metrics, seen, bool(curves))
   groups = wd.prepared().groups if names else []
   programs = [measures_lib.make_program(pg.static, names, clamps, chunk) for pg in groups]
   progress_curves = _resolve_progress_curves(progress_specs, programs, bool(curves))
 
-  out_dir = os.path.join(wd.path, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f"{k}.csv") for k in ("progress", "phase_changes", "summary")}
+  os.makedirs(os.path.join(wd.path, wd_lib.ANALYSIS_DIR), exist_ok=True)
+  paths = {k: os.path.join(wd.path, name) for k, name in
+           (("progress", wd_lib.PROGRESS_CSV), ("phase_changes", wd_lib.PHASE_CHANGES_CSV),
+            ("summary", wd_lib.SUMMARY_CSV))}
   n_ckpt = write_progress(wd, groups, programs, paths["progress"], progress_curves, curve_data,
                           eval_size)
 

@@ -21,7 +21,8 @@ so the re-run is the original run:
   but `train`, whose running mean would cover a different span); otherwise
   `NotReproduced` is raised and nothing is written.
 
-Windows. `window='auto'` times `curve` (default `fsl_train/loss`) of every
+Windows. `window='auto'` times `curve` (default: the task's headline curve,
+`fsl_train/loss` for the few-shot task) of every
 run with the estimators of `icldyn.analysis.timing` and takes the span of
 its transition (logistic onset to end; else the steepest-descent span;
 else the threshold crossing), widened to the stored evaluations around it;
@@ -45,15 +46,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn import build
 from icldyn import config as config_lib
-from icldyn import runner
-from icldyn import sharding as sharding_lib
-from icldyn import train as train_lib
-from icldyn import workdir as wd_lib
+from icldyn import group as group_lib
 from icldyn.analysis import command
 from icldyn.analysis import loader
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
+from icldyn.store import checkpoints as ckpt_lib
+from icldyn.store import files as wd_lib
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +123,21 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
   return [(a, b) for a, b in out]
 
 
-def _schedule(cfg, batch: int) -> tuple[list[int], list[int], list[int], int]:
-  """(evaluation, stream checkpoint, resume) steps of training, and the last step."""
-  total = -(-cfg.train.num_sequences // batch)
-  evals = train_lib.eval_steps(total, batch, cfg.train.eval_every)
-  ckpts = ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.every,
-                            config_lib.checkpoint_sequences(cfg), cfg.checkpoint.log_num, batch)
-  resumes = ([] if cfg.checkpoint.resume_every <= 0 else
-             ckpt_lib.schedule(cfg.train.num_sequences, cfg.checkpoint.resume_every, [], 0, batch))
-  return evals, ckpts, sorted(set(resumes) | {total}), total
-
-
 def plan(workdir: str | loader.Workdir, window: str | tuple[int, int] | None = "auto",
-         num: int = 32, curve: str = "fsl_train/loss") -> list[GroupPlan]:
+         num: int = 32, curve: str | None = None) -> list[GroupPlan]:
   """The dense steps of each group that has a window (no training).
 
   Args:
     workdir: a trained workdir (path or opened).
     window: 'auto' or START:END (sequences).
     num: dense steps per window.
-    curve: the curve whose transitions 'auto' finds.
+    curve: the curve whose transitions 'auto' finds (default: the task's
+      first default curve).
   """
   wd = workdir if isinstance(workdir, loader.Workdir) else loader.open_workdir(workdir)
   fixed = parse_window(window)
+  if curve is None:
+    curve = config_lib.task_of(wd.config).default_curves[0]
   spec = command.parse_curve(curve)
   if num < 1:
     raise ConfigError("--num", "must be >= 1")
@@ -158,7 +150,8 @@ def plan(workdir: str | loader.Workdir, window: str | tuple[int, int] | None = "
   plans = []
   for pg in wd.prepared().groups:
     batch = pg.static.batch_size
-    evals, ckpts, _, total = _schedule(pg.group.config, batch)
+    sched = group_lib.schedule(pg.group.config, batch)
+    evals, total = sched.evals, sched.total
     if fixed is None:
       eval_seqs = np.asarray(evals, np.int64) * batch
       spans = [s for r in pg.group.runs if r in curves
@@ -193,7 +186,7 @@ def plan(workdir: str | loader.Workdir, window: str | tuple[int, int] | None = "
 
 
 def densify(workdir: str, window: str | tuple[int, int] | None = "auto", num: int = 32,
-            curve: str = "fsl_train/loss", quiet: bool = False) -> dict[str, Any]:
+            curve: str | None = None, quiet: bool = False) -> dict[str, Any]:
   """Re-trains around each transition and saves dense checkpoints there (see module doc).
 
   Args:
@@ -202,7 +195,8 @@ def densify(workdir: str, window: str | tuple[int, int] | None = "auto", num: in
       'START:END' / (start, end) in training sequences.
     num: dense checkpoints per window.
     curve: the metrics.csv curve whose transitions 'auto' finds (a curve
-      spec as for `icldyn analyze --curve`).
+      spec as for `icldyn analyze --curve`; default: the task's first
+      default curve, `fsl_train/loss` for the few-shot task).
     quiet: no progress lines.
 
   Returns:
@@ -253,7 +247,7 @@ def _runner_pieces(a: int, b: int, events: list[int], scan: int) -> list[tuple[i
   return pieces
 
 
-def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics, quiet: bool):
+def _rerun(wd: loader.Workdir, pg: build.PreparedGroup, gp: GroupPlan, metrics, quiet: bool):
   """Re-trains one group and checks it against what training stored.
 
   Returns:
@@ -262,33 +256,27 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
   """
   g, static, cfg = pg.group, pg.static, pg.group.config
   batch = static.batch_size
-  evals, ckpts, resumes, _ = _schedule(cfg, batch)
-  runner_events = sorted(set(evals) | set(ckpts) | set(resumes))
-  r = len(g.runs)
-  mesh = sharding_lib.run_mesh(r)
-  rp = sharding_lib.padded_count(r, mesh)
-  props = sharding_lib.shard_runs(sharding_lib.pad_runs(pg.props, r, rp), mesh)
-  table = sharding_lib.replicate(pg.table, mesh)
-  # The programs exactly as runner._train_group builds and compiles them.
-  init, chunk, evaluate = train_lib.make_programs(static, mesh)
-  state = runner._compile(init, props, opt_level=0)(props)
+  sched = group_lib.schedule(cfg, batch)
+  evals, runner_events = set(sched.evals), sched.events
+  # The programs exactly as the runner places and compiles them.
+  placed = group_lib.Placed(pg)
+  r, rp, props, table = placed.runs, placed.padded, placed.props, placed.table
+  state = placed.initial_state()
   # Running sums of the `train` evaluator, as the runner keeps them.
-  acc = {"loss": np.zeros(rp), "grad_norm": np.zeros(rp), "count": 0}
+  acc = group_lib.empty_accumulator(rp)
   t = 0
   if gp.start > 0:
     store = ckpt_lib.Store(wd.path, g.index, read_only=True)
     try:
-      restored = store.restore_state(gp.start * batch, runner._resume_tree(state, acc, 0))
+      restored = store.restore_state(gp.start * batch, group_lib.resume_tree(state, acc, 0))
     finally:
       store.close()
-    state = sharding_lib.shard_runs(restored["state"], mesh)
-    acc = {"loss": np.asarray(restored["acc_loss"]),
-           "grad_norm": np.asarray(restored["acc_grad_norm"]), "count": int(restored["acc_count"])}
+    state = placed.shard(restored["state"])
+    acc = group_lib.accumulator_of(restored)
     t = int(restored["t"])
-  chunk_c = runner._compile(chunk, state, props, table, 0, 1)
-  eval_c = runner._compile(evaluate, state, props, table)
+  chunk_c, eval_c = placed.compile_training(state)
 
-  staging = os.path.join(os.path.abspath(wd.path), "checkpoints", f"g{g.index}", STAGING)
+  staging = os.path.join(os.path.abspath(wd.path), wd_lib.CHECKPOINTS_DIR, f"g{g.index}", STAGING)
   shutil.rmtree(staging, ignore_errors=True)
   manager = ocp.CheckpointManager(staging, options=ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True))
@@ -336,7 +324,7 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
 
   if t == 0:  # the runner evaluates at step 0 (and not again at a resume point)
     compare(0, evaluation(0))
-  progress = train_lib.Progress(gp.end * batch, quiet, label=f" densify g{g.index}")
+  progress = group_lib.Progress(gp.end * batch, quiet, label=f" densify g{g.index}")
   for nxt in events:
     while t < nxt:
       n = min(static.scan_steps, nxt - t)
@@ -348,7 +336,7 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
       progress.update(t * batch, None)
     if t in evals:
       compare(t, evaluation(t))
-      acc = {"loss": np.zeros(rp), "grad_norm": np.zeros(rp), "count": 0}
+      acc = group_lib.empty_accumulator(rp)
       step_terms = {s: v for s, v in step_terms.items() if s >= t}
       last_eval = t
     params = None
@@ -385,7 +373,7 @@ def _rerun(wd: loader.Workdir, pg: runner.PreparedGroup, gp: GroupPlan, metrics,
 
 def _commit(workdir: str, group: int, staged: Sequence[int], rows: list[tuple]) -> None:
   """Moves staged checkpoints into the stream and appends the dense evaluations."""
-  base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}")
+  base = os.path.join(os.path.abspath(workdir), wd_lib.CHECKPOINTS_DIR, f"g{group}")
   staging, stream_dir = os.path.join(base, STAGING), os.path.join(base, "stream")
   os.makedirs(stream_dir, exist_ok=True)
   for step in staged:
@@ -394,4 +382,4 @@ def _commit(workdir: str, group: int, staged: Sequence[int], rows: list[tuple]) 
       os.replace(src, dst)
   shutil.rmtree(staging, ignore_errors=True)
   if rows:
-    wd_lib.MetricsFile(os.path.join(workdir, "metrics.csv")).append(rows)
+    wd_lib.MetricsFile(os.path.join(workdir, wd_lib.METRICS_CSV)).append(rows)

@@ -1,7 +1,7 @@
 """Reading a trained workdir for analysis: config, run table, metric curves, checkpoints.
 
 `open_workdir` rebuilds the grid exactly as training built it (config.json
-→ `runner.prepare`), so every run's static spec, props and class table are
+→ `build.prepare`), so every run's static spec, props and shared arrays are
 the ones it trained with. `stream` iterates a group's checkpoint stream
 lazily, restoring the next checkpoint in a background thread while the
 caller works on the current one; `restore_run` gives one run's params at
@@ -23,43 +23,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn import build
 from icldyn import config as config_lib
-from icldyn import workdir as wd_lib
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
+from icldyn.store import checkpoints as ckpt_lib
+from icldyn.store import files as wd_lib
 
 # runs.csv columns that are bookkeeping rather than settings of a run.
-BOOKKEEPING = ("run", "group", "group_index", "status", "diverged_step")
-
-
-def config_from_json(resolved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """The config and grid axes of a config.json, rebuilt on `base_config()`.
-
-  Every field is set through `config.set_field`, so types match what
-  training used; a field the base config lacks (a study that added one)
-  falls back to a plain ConfigDict of the stored values.
-
-  Returns:
-    (config, grid axes).
-  """
-  stored = resolved["config"]
-  cfg = config_lib.base_config()
-  try:
-    for field, value in _leaves(stored):
-      if field == "grid":
-        value = tuple(value)
-      config_lib.set_field(cfg, field, value)
-  except ConfigError:
-    cfg = ml_collections.ConfigDict(stored)
-  return cfg, list(resolved.get("grid") or [])
-
-
-def _leaves(d: dict, prefix: str = ""):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
+BOOKKEEPING = wd_lib.RUNS_BOOKKEEPING
 
 
 @dataclasses.dataclass
@@ -79,17 +50,16 @@ class Workdir:
   axes: list[str]
   runs: list[dict[str, str]]
   settings: list[str]
-  _prepared: Any = None
+  built: build.Prepared | None = None
 
-  def prepared(self):
-    """The grid as `runner.prepare` builds it (cached; the first call takes seconds)."""
-    if self._prepared is None:
-      from icldyn import runner
-      self._prepared = runner.prepare(self.config, self.axes)
-      if self._prepared.num_runs != len(self.runs):
-        raise ConfigError("--workdir", f"config.json makes {self._prepared.num_runs} runs "
+  def prepared(self) -> build.Prepared:
+    """The grid as `build.prepare` builds it (cached; the first call takes seconds)."""
+    if self.built is None:
+      self.built = build.prepare(self.config, self.axes)
+      if self.built.num_runs != len(self.runs):
+        raise ConfigError("--workdir", f"config.json makes {self.built.num_runs} runs "
                           f"but runs.csv lists {len(self.runs)}")
-    return self._prepared
+    return self.built
 
   def group_runs(self) -> dict[int, list[int]]:
     """group → its global run indices, in group order."""
@@ -107,12 +77,12 @@ def open_workdir(path: str) -> Workdir:
   """Reads config.json and runs.csv of a workdir (raises ConfigError if absent)."""
   if not os.path.isdir(path):
     raise ConfigError("--workdir", f"no such directory {path}")
-  for name in ("config.json", "runs.csv"):
+  for name in (wd_lib.CONFIG_JSON, wd_lib.RUNS_CSV):
     if not os.path.isfile(os.path.join(path, name)):
       raise ConfigError("--workdir", f"{path} has no {name}; is it an icldyn train workdir?")
-  with open(os.path.join(path, "config.json")) as f:
-    cfg, axes = config_from_json(json.load(f))
-  runs = wd_lib.read_csv(os.path.join(path, "runs.csv"))
+  with open(os.path.join(path, wd_lib.CONFIG_JSON)) as f:
+    cfg, axes = config_lib.from_json(json.load(f))
+  runs = wd_lib.read_csv(os.path.join(path, wd_lib.RUNS_CSV))
   runs.sort(key=lambda r: int(r["run"]))
   settings = [c for c in (runs[0].keys() if runs else []) if c not in BOOKKEEPING]
   return Workdir(path=path, config=cfg, axes=axes, runs=runs, settings=settings)
@@ -140,7 +110,7 @@ def read_metrics(path: str, keep=None) -> dict[tuple[str, str], dict[int, Curve]
   Returns:
     {(evaluator, metric): {run: Curve}}; empty if there is no metrics.csv.
   """
-  file = os.path.join(path, "metrics.csv")
+  file = os.path.join(path, wd_lib.METRICS_CSV)
   if not os.path.isfile(file):
     return {}
   raw: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
@@ -172,14 +142,7 @@ def read_metrics(path: str, keep=None) -> dict[tuple[str, str], dict[int, Curve]
 
 def stream_steps(workdir: str, group: int) -> list[int]:
   """Steps of a group's checkpoint stream (empty if it has none)."""
-  base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}", "stream")
-  if not os.path.isdir(base):
-    return []
-  store = ckpt_lib.Store(workdir, group, read_only=True)
-  try:
-    return store.stream_steps()
-  finally:
-    store.close()
+  return ckpt_lib.stream_steps(workdir, group)
 
 
 def stream(workdir: str, group: int = 0, steps: Sequence[int] | None = None,

@@ -10,7 +10,7 @@ Measures (`--measures` names; rows of progress.csv):
 
 | name | progress.csv measure | layer,head | layer2,head2 |
 |---|---|---|---|
-| `induction_strength` | `induction_strength` | last layer, each head | |
+| `induction_strength` | the task's `induction_metric` (few-shot `induction_strength`, tokens `prefix_matching`) | last layer, each head | |
 | `prev_token` | `prev_token` | first layer, each head | |
 | `loss` | `loss`, `acc` | | |
 | `clamped` | `loss@{clamp}`, `acc@{clamp}` | | |
@@ -19,12 +19,12 @@ Measures (`--measures` names; rows of progress.csv):
 | `ov_copying` | `ov_copying` | last layer, each head | |
 
 The first four are data measures: means over a fixed evaluation batch, the
-first `size` sequences of the run's own `fsl_train` evaluation set (the
-same sequences `icldyn train` evaluates, so with `size = eval.size` they
-equal its `fsl_train` metrics). `induction_strength` and `prev_token` are
-`icldyn.metrics.induction_strength` / `prev_token_score`, the definitions
-training logs to metrics.csv. The rest are weight measures from
-`icldyn.analysis.weights`. Composition rows cover every pair of layers
+first `size` sequences of the run's own evaluation set of the task's
+headline evaluator (`fsl_train` for the few-shot task; the same sequences
+`icldyn train` evaluates, so with `size = eval.size` they equal its
+metrics). `induction_strength` and `prev_token` are the task-defined head
+scores of `icldyn.tasks.scores`, the definitions training logs to
+metrics.csv. The rest are weight measures from `icldyn.analysis.weights`. Composition rows cover every pair of layers
 `layer2 < layer`; `c{r}` counts singular components of the earlier head's
 OV circuit from the largest.
 
@@ -54,11 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from icldyn import clamps as clamps_lib
-from icldyn import config as config_lib
-from icldyn import data as data_lib
-from icldyn import metrics as metrics_lib
 from icldyn import train as train_lib
 from icldyn.analysis import weights
+from icldyn.tasks import scores
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +65,15 @@ WEIGHT_MEASURES = ("composition", "k_composition_svd_share", "ov_copying")
 MEASURES = DATA_MEASURES + WEIGHT_MEASURES
 # `clamped` costs one forward pass per clamp per checkpoint, so it is asked for by name.
 DEFAULT_MEASURES = tuple(m for m in MEASURES if m != "clamped")
-# Data measures that `icldyn train` already logs at every evaluation (fsl_train metric
-# names): `analyze` reuses metrics.csv rather than recomputing them, unless asked by name.
-LOGGED_BY_TRAIN = {"induction_strength": ("induction_strength.h",),
-                   "prev_token": ("prev_token.h",), "loss": ("loss", "acc")}
 EVAL_SIZE = 256  # sequences in the analysis batch
+
+
+def logged_by_train(induction_metric: str) -> dict[str, tuple[str, ...]]:
+  """Data measures that `icldyn train` already logs at every evaluation of the
+  headline evaluator, as metric-name prefixes (`x.h` prefixes a head):
+  `analyze` reuses metrics.csv rather than recomputing them, unless asked by name."""
+  return {"induction_strength": (f"{induction_metric}.h",), "prev_token": ("prev_token.h",),
+          "loss": ("loss", "acc")}
 
 
 
@@ -99,53 +101,57 @@ def default_clamps(spec) -> tuple[str, ...]:
 # Array-level measures of one run (jax.numpy; vmap over runs).
 
 
-def induction_strength(pattern: jax.Array, classes: jax.Array) -> jax.Array:
-  """Mean induction strength of each head over a batch.
+def induction_strength(pattern: jax.Array, targets) -> jax.Array:
+  """Mean induction score of each head over a batch, every induction row weighing the same.
 
   Args:
     pattern: [B, H, T, T] attention pattern of a layer.
-    classes: [B, C+1] exemplar classes, query last.
+    targets: the batch's `icldyn.tasks.base.Targets`.
 
   Returns:
-    [H]; see `icldyn.metrics.induction_strength`.
+    [H]; see `icldyn.tasks.scores`.
   """
-  return jnp.mean(metrics_lib.induction_strength(pattern, classes), axis=0)
+  sums, counts = scores.induction_rows(pattern, targets)
+  return jnp.sum(sums, axis=0) / jnp.sum(counts)
 
 
-def prev_token(pattern: jax.Array) -> jax.Array:
+def prev_token(pattern: jax.Array, layout) -> jax.Array:
   """Mean chance-corrected previous-token score of each head over a batch.
 
   Args:
     pattern: [B, H, T, T].
+    layout: the task's `icldyn.tasks.base.Layout`.
 
   Returns:
-    [H]; see `icldyn.metrics.prev_token_score`.
+    [H]; see `icldyn.tasks.scores`.
   """
-  return jnp.mean(metrics_lib.prev_token_score(pattern), axis=0)
+  return jnp.mean(scores.prev_token(pattern, layout), axis=0)
 
 
-def ov_copying(params, num_labels: jax.Array) -> jax.Array:
-  """Last-layer OV copying score of each head over the run's own labels.
+def ov_copying(params, spec, num_outputs: jax.Array) -> jax.Array:
+  """Last-layer OV copying score of each head over the run's own outputs.
 
-  `weights.ov_copying_score` over the first `num_labels` labels, with the
-  label count a traced per-run value: rows of the label embedding and
-  columns of the unembedding past it are zeroed, which only adds zero
-  eigenvalues to each head's label map and leaves the score unchanged.
+  `weights.ov_copying_score` over the outputs the run has (its front end's
+  `output_mask`), with the output count a traced per-run value: rows of the
+  output embedding and columns of the unembedding it does not have are
+  zeroed, which only adds zero eigenvalues to each head's map and leaves the
+  score unchanged.
 
   Args:
     params: one run's params.
-    num_labels: [] int, the run's label count.
+    spec: the ModelSpec (its front end names the output embedding).
+    num_outputs: [] int, the run's output count.
 
   Returns:
     [H].
   """
-  cap = params["embed_y"]["embedding"].shape[0]
-  keep = jnp.arange(cap) < num_labels
+  module, name = spec.front.output_embedding
+  keep = spec.front.output_mask(num_outputs)
   masked = dict(params)
-  masked["embed_y"] = {"embedding": jnp.where(keep[:, None], params["embed_y"]["embedding"], 0.0)}
+  masked[module] = {name: jnp.where(keep[:, None], params[module][name], 0.0)}
   masked["unembed"] = dict(params["unembed"],
                            kernel=jnp.where(keep[None, :], params["unembed"]["kernel"], 0.0))
-  return weights.ov_copying_score(masked, layer=-1)
+  return weights.ov_copying_score(masked, layer=-1, embedding=(module, name))
 
 
 # --------------------------------------------------------------------------
@@ -178,12 +184,14 @@ def layer_pairs(num_layers: int) -> list[tuple[int, int]]:
   return [(e, l) for l in range(num_layers) for e in range(l)]
 
 
-def make_layout(spec, measures: Sequence[str], clamps: Sequence[str]) -> dict[str, list[RowKey]]:
-  """Row keys of every output of `run_measures`, in its key order."""
+def make_layout(spec, measures: Sequence[str], clamps: Sequence[str],
+                induction_metric: str = "induction_strength") -> dict[str, list[RowKey]]:
+  """Row keys of every output of `run_measures`, in its key order (the
+  induction score's rows are named after the task's `induction_metric`)."""
   nl, h, dh = spec.num_layers, spec.num_heads, spec.d_head
   out: dict[str, list[RowKey]] = {}
   if "induction_strength" in measures:
-    out["induction_strength"] = [RowKey("induction_strength", nl - 1, i) for i in range(h)]
+    out["induction_strength"] = [RowKey(induction_metric, nl - 1, i) for i in range(h)]
   if "prev_token" in measures:
     out["prev_token"] = [RowKey("prev_token", 0, i) for i in range(h)]
   if "loss" in measures:
@@ -205,7 +213,7 @@ def make_layout(spec, measures: Sequence[str], clamps: Sequence[str]) -> dict[st
   return out
 
 
-def run_measures(static: train_lib.Static, params, batch: data_lib.Batch | None,
+def run_measures(static: train_lib.Static, params, batch,
                  props: train_lib.Props, measures: Sequence[str],
                  plans: Sequence[tuple[str, Any]] = ()) -> dict[str, jax.Array]:
   """Every requested measure of one run at one checkpoint.
@@ -225,21 +233,25 @@ def run_measures(static: train_lib.Static, params, batch: data_lib.Batch | None,
   """
   spec = static.model
   out = {}
+  evaluator = analysis_evaluator(static)
+
+  def loss_acc(logits, acts):
+    result = static.task.reduce(evaluator, static.task.eval_terms(evaluator, logits, acts, batch))
+    return result["loss"], result["acc"]
+
   if any(m in measures for m in ("induction_strength", "prev_token", "loss")):
     logits, acts = train_lib.forward(static, params, batch, props, static.plan)
     if "induction_strength" in measures:
       out["induction_strength"] = induction_strength(
-          acts[f"layer_{spec.num_layers - 1}"]["attn"]["pattern"], batch.classes)
+          acts[f"layer_{spec.num_layers - 1}"]["attn"]["pattern"], spec.front.targets(batch))
     if "prev_token" in measures:
-      out["prev_token"] = prev_token(acts["layer_0"]["attn"]["pattern"])
+      out["prev_token"] = prev_token(acts["layer_0"]["attn"]["pattern"], spec.front.layout)
     if "loss" in measures:
-      terms = metrics_lib.per_sequence(logits, batch.labels)
-      out["loss"], out["acc"] = jnp.mean(terms["loss"]), jnp.mean(terms["correct"])
+      out["loss"], out["acc"] = loss_acc(logits, acts)
   if "clamped" in measures:
     for name, plan in plans:
-      logits, _ = plan.forward(spec, params, batch, props.data.num_labels, props.clamp)
-      terms = metrics_lib.per_sequence(logits, batch.labels)
-      out[f"loss@{name}"], out[f"acc@{name}"] = jnp.mean(terms["loss"]), jnp.mean(terms["correct"])
+      logits, acts = plan.forward(spec, params, batch, props.data.num_outputs, props.clamp)
+      out[f"loss@{name}"], out[f"acc@{name}"] = loss_acc(logits, acts)
   pairs = layer_pairs(spec.num_layers)
   if "composition" in measures:
     for e, l in pairs:
@@ -254,7 +266,7 @@ def run_measures(static: train_lib.Static, params, batch: data_lib.Batch | None,
       out[f"k_composition_svd_share/{e}/{l}"] = weights.shares_from_directions(
           s[i], dirs[i], params[f"layer_{l}"]["attn"])
   if "ov_copying" in measures:
-    out["ov_copying"] = ov_copying(params, props.data.num_labels)
+    out["ov_copying"] = ov_copying(params, spec, props.data.num_outputs)
   return out
 
 
@@ -314,7 +326,7 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
       return jax.vmap(one)(params, batch, props)
     return jax.lax.map(lambda a: one(*a), (params, batch, props), batch_size=chunk)
 
-  return Program(fn=jax.jit(fn), layout=make_layout(spec, measures, names), measures=measures,
+  return Program(fn=jax.jit(fn), layout=make_layout(spec, measures, names, static.task.induction_metric), measures=measures,
                  clamps=names, needs_batch=needs_batch)
 
 
@@ -322,34 +334,34 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
 # The evaluation batch.
 
 
-def fsl_train_spec(cfg) -> data_lib.SeqSpec:
-  """The fsl_train sampler of a group's config."""
-  return data_lib.seq_spec(cfg, "fsl_train", cfg.data.num_train_classes, cfg.data.noise > 0)
+def analysis_evaluator(static: train_lib.Static) -> str:
+  """The evaluator whose evaluation set the data measures read: the task's
+  headline evaluator (`fsl_train` for the few-shot task)."""
+  return static.task.analysis_evaluator
 
 
-def eval_batch(cfg, table: data_lib.Table, props: train_lib.Props, size: int = EVAL_SIZE):
-  """Each run's analysis batch: the first `size` sequences of its fsl_train evaluation set.
+def eval_batch(static: train_lib.Static, table, props: train_lib.Props, size: int = EVAL_SIZE):
+  """Each run's analysis batch: the first `size` sequences of its evaluation set
+  of `analysis_evaluator`.
 
   Sequence i of an evaluator's set uses `fold_in(key, i)` with the key
-  `evaluate_run` derives from the run's eval seed, so this batch is a prefix
-  of the set that training evaluates.
+  `train.eval_key` derives from the run's eval seed, so this batch is a
+  prefix of the set that training evaluates.
 
   Args:
-    cfg: the group's config.
-    table: the group's class table.
+    static: the group's static spec.
+    table: the group's shared arrays.
     props: stacked props [R, ...].
     size: sequences per run.
 
   Returns:
-    Batch with fields [R, size, ...] (numpy).
+    The task's batch with fields [R, size, ...] (numpy).
   """
-  spec = fsl_train_spec(cfg)
-  index = config_lib.EVALUATORS.index("fsl_train")
+  evaluator = analysis_evaluator(static)
 
   def one(data_props, eval_seed, table):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(eval_seed),
-                                                train_lib._EVAL_STREAM), index)
-    return data_lib.sample_batch(key, table, data_props, spec, size)
+    key = train_lib.eval_key(static, eval_seed, evaluator)
+    return static.task.sample(key, table, data_props, evaluator, size)
 
   return jax.device_get(jax.jit(jax.vmap(one, (0, 0, None)))(props.data, props.eval_seed, table))
 

@@ -350,11 +350,13 @@ def shares_from_directions(s: jax.Array, dirs: jax.Array, late) -> jax.Array:
   return contrib / jnp.sum(contrib, axis=-1, keepdims=True)
 
 
-def ov_copying_score(params: Params, layer: int = -1,
-                     num_labels: int | None = None) -> jax.Array:
-  """Copying score of each head's OV circuit on label tokens.
+def ov_copying_score(params: Params, layer: int = -1, num_labels: int | None = None,
+                     embedding: tuple[str, str] = ('embed_y', 'embedding')) -> jax.Array:
+  """Copying score of each head's OV circuit on the tokens that hold outputs.
 
-  With `E = embed_y/embedding[:num_labels]` (`[L, d]`) and
+  With `E = embed_y/embedding[:num_labels]` (`[L, d]`; the parameter at
+  `embedding`, the task front end's `output_embedding`: label embeddings in
+  the few-shot task, token embeddings in the token task) and
   `W_U = unembed/kernel[:, :num_labels]` (`[d, L]`), head `h`'s label-to-
   logit map is `M_h = E W_OV^h W_U` (`[L, L]`; row `a`: attending to a token
   of label `a`, column `b`: logit of label `b`). The score is Elhage et al.
@@ -370,14 +372,15 @@ def ov_copying_score(params: Params, layer: int = -1,
   Args:
     params: one run's params.
     layer: layer index; negative counts from the last (the induction layer).
-    num_labels: only the first `num_labels` labels (those in use); None for
-      the whole label capacity `L`.
+    num_labels: only the first `num_labels` outputs (those in use); None for
+      the whole output capacity `L`.
+    embedding: (module, parameter) of the output embedding.
 
   Returns:
     `[H]` scores; NaN for a head whose `M_h` is zero.
   """
   p = _unwrap(params)
-  return _copying_attn(_attn(params, layer), p['embed_y']['embedding'],
+  return _copying_attn(_attn(params, layer), p[embedding[0]][embedding[1]],
                        p['unembed']['kernel'], num_labels)
 
 

@@ -1,38 +1,73 @@
-"""The attention-only transformer of Singh et al. 2024 (arXiv 2404.07129), in Flax linen.
+"""The transformer core shared by every task, in Flax linen.
 
-Tokens interleave exemplars and labels, `[x_1, y_1, ..., x_C, y_C, x_q]`.
-The forward pass returns the logits at exemplar positions and every
-intermediate activation under the names of docs/interfaces.md, and takes an
-optional clamp tree mirroring those activations.
+The core is the residual stream, the blocks (pre-LayerNorm causal
+self-attention, an optional MLP), the final LayerNorm and the unembedding. A
+task supplies the rest through its *front end* (`ModelSpec.front`, see
+`FrontEnd`): how a batch becomes the token embeddings, which positions are
+read out, and which outputs a run has. The forward pass returns the logits
+at the read-out positions and every intermediate activation under the names
+of docs/interfaces.md, and takes an optional clamp tree mirroring those
+activations (`icldyn.model.clamp`).
 
-Model details follow the paper's code, since phase-change timing depends on
-them: pre-LayerNorm blocks and a final LayerNorm; no bias on q/k/v and on the
-output projection; bias on the exemplar embedding and on the unembedding;
-scores scaled by 1/sqrt(d_head); RoPE (base 10000) on q and k over each
-head's dimensions; LeCun-normal weights and zero biases; label embedding from
-a normal truncated at +-2 sigma with sigma = 0.02; no weight decay.
+Model details follow the code of Singh et al. 2024 (arXiv 2404.07129), since
+phase-change timing depends on them: pre-LayerNorm blocks and a final
+LayerNorm; no bias on q/k/v and on the output projection; bias on the
+unembedding; scores scaled by 1/sqrt(d_head); RoPE (base 10000) on q and k
+over each head's dimensions; LeCun-normal weights and zero biases.
 
-Differences, and why: (1) label embedding rows and unembedding columns are
-drawn per label from `fold_in(key, label)` (same distribution), so that a run
-with K labels padded to a larger label capacity in a grid starts from exactly
-the parameters it has alone; (2) logits of labels >= the run's `num_labels`
-are -inf, which makes the padded model behave as a K-output model.
+Unembedding columns are drawn per output from `fold_in(key, output)` (same
+distribution as a whole-matrix draw), so that a run with K outputs padded to
+a larger capacity in a grid starts from exactly the parameters it has alone;
+outputs the run does not have get logits -inf (the front end's
+`output_mask`), which makes the padded model behave as a K-output model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icldyn.clamps import apply_clamp
+from icldyn.model.clamp import apply_clamp
 
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+
+
+class FrontEnd(Protocol):
+  """What a task gives the model core (hashable: it is part of `ModelSpec`).
+
+  Attributes:
+    seq_len: T, tokens per sequence.
+    num_outputs: L, the output capacity (logits per read-out position).
+    output_embedding: (module, parameter) of the embedding whose rows are the
+      outputs as inputs (label or token embeddings), for copying scores.
+
+  Methods:
+    embed(batch, d_model) -> [B, T, d] token embeddings. Called inside the
+      core's Flax scope, so the parameters it makes (`nn.Dense(name=...)`,
+      `nn.Embed(...)`) are top-level parameters of the model.
+    readout(final) -> [B, R, d]: the positions of the final residual stream
+      whose logits the model returns.
+    output_mask(num_outputs) -> [L] bool: the outputs a run with per-run
+      output count `num_outputs` ([] int array) has; the rest get -inf.
+    dummy_batch() -> a batch of one sequence, for initialisation.
+  """
+  seq_len: int
+  num_outputs: int
+  output_embedding: tuple[str, str]
+
+  def embed(self, batch: Any, d_model: int) -> jax.Array: ...
+
+  def readout(self, final: jax.Array) -> jax.Array: ...
+
+  def output_mask(self, num_outputs: jax.Array) -> jax.Array: ...
+
+  def dummy_batch(self) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +76,8 @@ class ModelSpec:
 
   Attributes:
     num_layers, num_heads, d_model: transformer size.
-    num_labels: label capacity L (outputs and label embeddings).
-    context_len: C pairs, so T = 2C + 1 tokens.
-    input_dim: D, exemplar dimension.
+    front: the task's front end (`FrontEnd`): input embedding, read-out,
+      output capacity and sequence length.
     pos_embedding: 'rope' | 'sinusoidal' | 'learned'.
     layer_norm: pre-LN blocks plus a final LN.
     mlp_ratio: None for attention only, else MLP width / d_model.
@@ -52,9 +86,7 @@ class ModelSpec:
   num_layers: int
   num_heads: int
   d_model: int
-  num_labels: int
-  context_len: int
-  input_dim: int
+  front: Any
   pos_embedding: str = "rope"
   layer_norm: bool = True
   mlp_ratio: float | None = None
@@ -66,15 +98,20 @@ class ModelSpec:
 
   @property
   def seq_len(self) -> int:
-    return 2 * self.context_len + 1
+    return self.front.seq_len
+
+  @property
+  def num_outputs(self) -> int:
+    return self.front.num_outputs
 
 
-def per_label_init(std: float, fan_axis: int, corrected: bool):
-  """Truncated-normal init drawn one label at a time (label axis `fan_axis`).
+def per_output_init(std: float, fan_axis: int, corrected: bool):
+  """Truncated-normal init drawn one row at a time along `fan_axis` (an output,
+  label or token axis), so a row does not depend on how many rows there are.
 
   Args:
     std: the scale.
-    fan_axis: the label axis of the parameter.
+    fan_axis: the output axis of the parameter.
     corrected: if True, `std` is the standard deviation after truncation at
       +-2 (as flax's LeCun normal); if False, it is the scale of the normal
       before truncation, so values lie in [-2 std, 2 std].
@@ -126,22 +163,22 @@ def sinusoidal(t: int, d: int) -> np.ndarray:
 # of the paper model 40 % of a grid step; the elementwise form fuses into a few
 # loops (docs/performance.md). Larger contexts keep the dot, whose broadcast
 # form would materialise [B, H, T, T, dh].
-_SMALL_ATTENTION = 4096
+SMALL_ATTENTION = 4096
 
 
-def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
   """Unscaled scores [B, H, Tq, Tk] of q, k [B, T, H, dh]."""
   t, dh = q.shape[1], q.shape[-1]
-  if t * t * dh > _SMALL_ATTENTION:
+  if t * t * dh > SMALL_ATTENTION:
     return jnp.einsum("bqhe,bkhe->bhqk", q, k)
   qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # [B, H, T, dh]
   return jnp.sum(qh[:, :, :, None, :] * kh[:, :, None, :, :], axis=-1)
 
 
-def _mix(pattern: jax.Array, v: jax.Array) -> jax.Array:
+def attention_mix(pattern: jax.Array, v: jax.Array) -> jax.Array:
   """Head outputs z [B, T, H, dh] from pattern [B, H, T, T] and v [B, T, H, dh]."""
   t, dh = v.shape[1], v.shape[-1]
-  if t * t * dh > _SMALL_ATTENTION:
+  if t * t * dh > SMALL_ATTENTION:
     return jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
   vh = jnp.swapaxes(v, 1, 2)  # [B, H, T, dh]
   z = jnp.sum(pattern[..., None] * vh[:, :, None, :, :], axis=3)  # [B, H, T, dh]
@@ -152,7 +189,7 @@ def _mix(pattern: jax.Array, v: jax.Array) -> jax.Array:
 # gives JAX's own rule (tests compare the two). Only the embedding uses it: its
 # [512, 64] weight is most of a run's parameters; on the 64x64 projections the
 # change measured no gain.
-_NATURAL_GRADS = True
+NATURAL_GRADS = True
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -184,14 +221,14 @@ def _contract_bwd(k, res, g):
 contract.defvjp(_contract_fwd, _contract_bwd)
 
 
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                       preferred_element_type=None):
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None):
   """`nn.Dense`'s dot_general ([..., in] x [in, out]) through `contract`.
 
   `contract` takes no precision or output type, so none may be asked for
   (rather than dropping them silently).
   """
-  if not _NATURAL_GRADS:
+  if not NATURAL_GRADS:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   if precision is not None or preferred_element_type is not None:
@@ -229,14 +266,14 @@ class Attention(nn.Module):
     v = site("v", jnp.einsum("btd,dhe->bthe", x, w_v))
     t = x.shape[1]
     causal = np.tril(np.ones((t, t), bool))
-    scores = _scores(q, k) / np.sqrt(dh).astype(np.float32)
+    scores = attention_scores(q, k) / np.sqrt(dh).astype(np.float32)
     if "temperature" in c:
       # Per-head temperature [1, H, 1, 1] (1 unless clamped): a site only when
       # clamped, so the unclamped program is unchanged; x / 1 is exact.
       scores = scores / site("temperature", jnp.ones((1, h, 1, 1), scores.dtype))
     scores = site("scores", jnp.where(causal, scores, -jnp.inf))
     pattern = site("pattern", jax.nn.softmax(scores, axis=-1))
-    z = site("z", _mix(pattern, v))
+    z = site("z", attention_mix(pattern, v))
     out = site("out", jnp.einsum("bqhe,hed->bqd", z, w_o))
     return out, acts
 
@@ -266,41 +303,27 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The attention-only transformer over interleaved exemplar-label tokens."""
+  """The attention-only transformer core over a task's token embeddings."""
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, labels: jax.Array, num_labels: jax.Array,
-               clamps: dict | None = None, table_rows=None) -> tuple[jax.Array, dict[str, Any]]:
+  def __call__(self, batch: Any, num_outputs: jax.Array,
+               clamps: dict | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Runs the model.
 
     Args:
-      inputs: [B, C+1, D] exemplars, the query last.
-      labels: [B, C+1] int labels; the last (the query's target) is not read.
-      num_labels: [] int, the run's label count; larger labels get -inf logits.
+      batch: a batch of the task's (its front end reads it).
+      num_outputs: [] int, the run's output count; the front end's
+        `output_mask` of it decides which logits are -inf.
       clamps: optional clamp tree mirroring the activations.
-      table_rows: optional `data.TableRows` with `inputs == x[index]`. The
-        exemplar embedding is linear, so it is computed on the R rows and
-        gathered: the same values up to float rounding, and half the
-        embedding work or less when R < B (C+1) (the paper's task: 50 rows
-        against 96 tokens per batch of 32); `inputs` is then not read.
 
     Returns:
-      logits [B, C+1, L] at exemplar positions, and the activation tree.
+      logits [B, R, L] at the front end's read-out positions, and the
+      activation tree.
     """
     s = self.spec
     c = clamps or {}
-    b, n, _ = inputs.shape
-    embed_x = nn.Dense(s.d_model, name="embed_x", kernel_init=nn.initializers.lecun_normal(),
-                       bias_init=nn.initializers.zeros, dot_general=_dense_dot_general)
-    if table_rows is None:
-      ex = embed_x(inputs)  # [B, C+1, d]
-    else:
-      ex = embed_x(table_rows.x)[table_rows.index]  # [R, d] -> [B, C+1, d]
-    lab = nn.Embed(s.num_labels, s.d_model, name="embed_y",
-                   embedding_init=per_label_init(0.02, 0, corrected=False))(labels[:, :-1])  # [B, C, d]
-    pairs = jnp.stack([ex[:, :-1], lab], axis=2).reshape(b, 2 * (n - 1), s.d_model)
-    tokens = jnp.concatenate([pairs, ex[:, -1:]], axis=1)  # [B, T, d]
+    tokens = s.front.embed(batch, s.d_model)  # [B, T, d]
     if s.pos_embedding == "sinusoidal":
       tokens = tokens + sinusoidal(s.seq_len, s.d_model)[None]
     elif s.pos_embedding == "learned":
@@ -313,10 +336,10 @@ class Transformer(nn.Module):
       resid, acts[name] = Block(s, name=name)(resid, c.get(name))
     final = nn.LayerNorm(name="ln_final")(resid) if s.layer_norm else resid
     acts["resid_final"] = final
-    logits = nn.Dense(s.num_labels, name="unembed",
-                      kernel_init=per_label_init(1.0 / np.sqrt(s.d_model), 1, corrected=True),
-                      bias_init=nn.initializers.zeros)(final[:, 0::2])  # [B, C+1, L]
-    logits = jnp.where(jnp.arange(s.num_labels) < num_labels, logits, -jnp.inf)
+    logits = nn.Dense(s.num_outputs, name="unembed",
+                      kernel_init=per_output_init(1.0 / np.sqrt(s.d_model), 1, corrected=True),
+                      bias_init=nn.initializers.zeros)(s.front.readout(final))  # [B, R, L]
+    logits = jnp.where(s.front.output_mask(num_outputs), logits, -jnp.inf)
     logits = apply_clamp(logits, c.get("logits"))
     acts["logits"] = logits
     return logits, acts
@@ -324,16 +347,11 @@ class Transformer(nn.Module):
 
 def init_params(spec: ModelSpec, seed: jax.Array) -> dict:
   """Parameters of one run from its init seed (jit- and vmap-friendly)."""
-  model = Transformer(spec)
-  b, n = 1, spec.context_len + 1
-  dummy_x = jnp.zeros((b, n, spec.input_dim), jnp.float32)
-  dummy_y = jnp.zeros((b, n), jnp.int32)
-  return model.init(jax.random.PRNGKey(seed), dummy_x, dummy_y, spec.num_labels)["params"]
+  return Transformer(spec).init(jax.random.PRNGKey(seed), spec.front.dummy_batch(),
+                                spec.num_outputs)["params"]
 
 
-def apply(spec: ModelSpec, params: dict, inputs: jax.Array, labels: jax.Array,
-          num_labels: jax.Array, clamps: dict | None = None,
-          table_rows=None) -> tuple[jax.Array, dict]:
-  """Pure forward pass: `(logits [B, C+1, L], acts)` (see `Transformer.__call__`)."""
-  return Transformer(spec).apply({"params": params}, inputs, labels, num_labels, clamps,
-                                 table_rows)
+def apply(spec: ModelSpec, params: dict, batch: Any, num_outputs: jax.Array,
+          clamps: dict | None = None) -> tuple[jax.Array, dict]:
+  """Pure forward pass: `(logits [B, R, L], acts)` (see `Transformer.__call__`)."""
+  return Transformer(spec).apply({"params": params}, batch, num_outputs, clamps)

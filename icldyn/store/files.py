@@ -1,4 +1,9 @@
-"""The workdir's files: config.json, runs.csv, metrics.csv and TensorBoard logs.
+"""The workdir's files: their names and columns, declared once; config.json, runs.csv,
+metrics.csv and TensorBoard logs written crash-safely.
+
+Every reader and writer of a workdir takes file names and CSV columns from
+here (docs/interfaces.md is their user-facing description); the formats are
+contracts.
 
 Every file that is rewritten is written to a temporary name, fsynced and
 renamed, so a crash leaves the old or the new version, never a torn one.
@@ -21,7 +26,35 @@ from typing import Any, Iterable, Mapping
 
 from icldyn import faults
 
+# Names inside a workdir.
+CONFIG_JSON = "config.json"  # {"config": resolved config, "grid": [axes]}
+RUNS_CSV = "runs.csv"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/g{group}/{stream,resume}/{step}/
+TB_DIR = "tb"  # tb/run_{i}/
+ANALYSIS_DIR = "analysis"
+PROGRESS_CSV = os.path.join(ANALYSIS_DIR, "progress.csv")
+PHASE_CHANGES_CSV = os.path.join(ANALYSIS_DIR, "phase_changes.csv")
+SUMMARY_CSV = os.path.join(ANALYSIS_DIR, "summary.csv")
+ATTENTION_NPZ = os.path.join(ANALYSIS_DIR, "attention_patterns.npz")
+PLOTS_DIR = "plots"
+REPORT_MD = "report.md"
+LOCK = ".lock"
+# What icldyn writes in a workdir (anything else there is the user's).
+ENTRIES = (CONFIG_JSON, RUNS_CSV, METRICS_CSV, CHECKPOINTS_DIR, TB_DIR, ANALYSIS_DIR, PLOTS_DIR,
+           REPORT_MD, LOCK)
+
+# Columns.
 METRICS_HEADER = ("step", "run", "evaluator", "metric", "value")
+# runs.csv: these, then every per-run setting, `clamps`, `status`, `diverged_step`.
+RUNS_BOOKKEEPING = ("run", "group", "group_index", "status", "diverged_step")
+PROGRESS_COLUMNS = ("step", "run", "measure", "layer", "head", "layer2", "head2", "value")
+# phase_changes.csv: `run`, every setting of runs.csv, then these.
+TIMING_COLUMNS = ("curve", "estimator", "onset", "midpoint", "end", "crossed", "fit_r2")
+# summary.csv: the setting columns, then these.
+SUMMARY_COLUMNS = ("curve", "estimator", "timing", "n_seeds", "n_crossed", "mean", "std",
+                   "ci_low", "ci_high")
+
 TMP_MARK = ".tmp."  # atomic_write's temporary files are `{name}.tmp.{pid}`
 
 

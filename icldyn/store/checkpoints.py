@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from icldyn import faults
-from icldyn import workdir as wd_lib
+from icldyn.store import files as wd_lib
 
 MANIFEST = "icldyn_manifest.json"
 
@@ -207,7 +207,7 @@ class Store:
   KEEP_RESUME = 2
 
   def __init__(self, workdir: str, group: int, read_only: bool = False):
-    self.base = os.path.join(os.path.abspath(workdir), "checkpoints", f"g{group}")
+    self.base = os.path.join(os.path.abspath(workdir), wd_lib.CHECKPOINTS_DIR, f"g{group}")
     self.read_only = read_only
     opts = dict(enable_async_checkpointing=False, create=not read_only, read_only=read_only,
                 cleanup_tmp_directories=not read_only)
@@ -396,6 +396,18 @@ class Store:
   def close(self) -> None:
     self.stream.close()
     self.resume.close()
+
+
+def stream_steps(workdir: str, group: int) -> list[int]:
+  """Steps (sequences) of a group's checkpoint stream (empty if it has none)."""
+  base = os.path.join(os.path.abspath(workdir), wd_lib.CHECKPOINTS_DIR, f"g{group}", "stream")
+  if not os.path.isdir(base):
+    return []
+  store = Store(workdir, group, read_only=True)
+  try:
+    return store.stream_steps()
+  finally:
+    store.close()
 
 
 def stream(workdir: str, group: int = 0) -> Iterator[tuple[int, Any]]:
