@@ -20,7 +20,7 @@ import sys
 import time
 
 
-def _paper_config(n_runs: int, batch: int, clamped: bool = False):
+def paper_config(n_runs: int, batch: int, clamped: bool = False):
   """The paper model; `clamped` mixes 8 keep_head settings (n_runs / 8 seeds each)."""
   from icldyn.config import base_config
   c = base_config()
@@ -66,7 +66,7 @@ def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dic
   """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
   import jax
   from icldyn import train as train_lib
-  cfg = _paper_config(n_runs, batch, clamped)
+  cfg = paper_config(n_runs, batch, clamped)
   with cfg.unlocked():
     cfg.train.scan_steps = 100
   placed = sharded_group(cfg)
@@ -124,7 +124,7 @@ def bench_end_to_end(n_runs: int, sequences: int, batch: int) -> dict:
   import tempfile
   import jax
   from icldyn import runner
-  cfg = _paper_config(n_runs, batch)
+  cfg = paper_config(n_runs, batch)
   with cfg.unlocked():
     cfg.train.num_sequences = sequences
     cfg.checkpoint.every = 10_000
@@ -143,7 +143,7 @@ def bench_loop(steps: int, batch: int) -> float:
   """One run, one jitted step per Python iteration (the icl-dynamics way): steps/s."""
   import jax
   from icldyn import build, train as train_lib
-  pg = build.prepare(_paper_config(1, batch)).groups[0]
+  pg = build.prepare(paper_config(1, batch)).groups[0]
   props = jax.tree.map(lambda x: jax.numpy.asarray(x[0]), pg.props)
   table = jax.tree.map(jax.numpy.asarray, pg.table)
   step = jax.jit(lambda st, t: train_lib.train_step(pg.static, table, st, props, t)[0])

@@ -162,7 +162,7 @@ def main(argv=None) -> None:
   print(f"icldyn bench_profile: {args.runs} runs, batch {args.batch}, tracing {args.steps} "
         "steps (compiling first)...", flush=True)
   from icldyn import bench
-  r = profile_chunk(bench._paper_config(args.runs, args.batch), args.steps)
+  r = profile_chunk(bench.paper_config(args.runs, args.batch), args.steps)
   total = sum(r["parts"].values())
   print(f"wall {r['wall_ms_per_step']:.1f} ms per step on {r['devices']} device(s); "
         f"op time {total:.1f} ms per step, summed over device threads")

@@ -73,6 +73,12 @@ def validate_clamps(cfg) -> None:
   clamps_lib.validate(cfg, model_spec(cfg))
 
 
+def validate(cfg) -> None:
+  """Checks one run's whole config: `config.validate`, then its clamps."""
+  config_lib.validate(cfg)
+  validate_clamps(cfg)
+
+
 # --------------------------------------------------------------------------
 # A whole grid.
 
@@ -96,8 +102,10 @@ class Prepared:
   num_runs: int
 
   def resolved(self) -> dict:
-    """What config.json holds: the base config and the grid axes."""
-    return {"config": json.loads(config_lib.to_json(self.config)), "grid": list(self.axes)}
+    """What config.json holds: the base config, the grid axes, and the task's
+    facts for the figures (`Task.facts`)."""
+    return {"config": json.loads(config_lib.to_json(self.config)), "grid": list(self.axes),
+            "task": config_lib.task_of(self.config).facts()}
 
 
 def check_known_fields(cfg) -> None:

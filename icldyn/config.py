@@ -161,8 +161,8 @@ def all_fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def suggest_field(node: ml_collections.ConfigDict, part: str, prefix: str) -> str:
   """'; did you mean FIELD?' for a misspelt field `prefix + part` inside `node`."""
-  names = [f"{prefix}{k}" for k in node.keys()]
-  return did_you_mean(prefix + part, names)
+  close = did_you_mean(part, list(node.keys()))  # compare names, not the shared prefix
+  return close.replace("mean ", f"mean {prefix}", 1) if close else ""
 
 
 def field_type(cfg: ml_collections.ConfigDict, field: str) -> type | None:
@@ -337,8 +337,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   names = eval_names(cfg)
   for name in names:
     _require(name in task.evaluators, "eval.evaluators",
-             f"unknown evaluator {name!r} of task {task.name}; known: "
-             f"{', '.join(task.evaluators)}")
+             f"unknown evaluator {name!r} of task {task.name}"
+             f"{did_you_mean(name, task.evaluators)}; known: {', '.join(task.evaluators)}")
   task.validate_evaluators(cfg, names)
   for name in _names(ev.clamp_evaluators):
     _require(name in names, "eval.clamp_evaluators",

@@ -16,6 +16,8 @@ import sys
 import time
 
 from icldyn import config as config_lib
+from icldyn import pipeline
+from icldyn import toy as toy_lib
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     studies: which studies to run.
     toy: also run the toy model.
   """
-  from icldyn import pipeline
   times = {}
   for study in studies:
     t0 = time.time()
@@ -48,7 +49,6 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     pipeline.run_study(cfg, workdir, quiet=quiet)
     times[study] = time.time() - t0
   if toy:
-    from icldyn import toy as toy_lib
     t0 = time.time()
     cfg = config_lib.load_config(os.path.join(EXPERIMENTS, "toy.py") +
                                  (":smoke" if variant == "smoke" else ""))

@@ -37,22 +37,16 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from icldyn import results
+from icldyn.store import files
 from icldyn.results import WorkdirData, load_workdir
 
 logger = logging.getLogger(__name__)
 
-LN2 = math.log(2.0)
-# Loss below which the few-shot task counts as solved (Singh et al. 2024).
-THRESHOLD = 0.4 * LN2
 DPI = 200
 # Okabe & Ito (2008), ordered so that the first few are far apart and yellow,
 # which vanishes on white, comes last.
 OKABE_ITO = ('#0072B2', '#D55E00', '#009E73', '#E69F00', '#CC79A7',
              '#56B4E9', '#000000', '#F0E442')
-DATA_AXES = ('data.num_train_classes', 'data.num_labels', 'data.burstiness',
-             'data.zipf_alpha', 'data.noise')
-EVALUATOR_ORDER = ('train', 'fsl_train', 'fsl_val_rl', 'fsl_train_valex',
-                   'fsl_test_class')
 COMPOSITION_ORDER = ('q_composition', 'k_composition', 'v_composition')
 STEP_LABEL = 'training sequences'
 
@@ -295,12 +289,14 @@ def _timing_column(table: results.Table, crossed: np.ndarray,
 # 1. Loss and accuracy curves with phase-change marks.
 
 
-def _evaluators(metrics: results.Table, wanted: Sequence[str]) -> list[str]:
+def _evaluators(data: WorkdirData, wanted: Sequence[str]) -> list[str]:
+  """Evaluators that logged one of `wanted`: `train`, then the task's order."""
+  metrics = data.metrics
   present = set(metrics.unique('evaluator'))
   has_metric = {e for e in present
                 if any(metrics.mask({'evaluator': e, 'metric': m}).any()
                        for m in wanted)}
-  ordered = [e for e in EVALUATOR_ORDER if e in has_metric]
+  ordered = [e for e in ['train'] + list(data.task['evaluators']) if e in has_metric]
   return ordered + sorted(has_metric - set(ordered))
 
 
@@ -308,7 +304,7 @@ def phase_curves_figure(
     data: WorkdirData | str | pathlib.Path,
     *,
     evaluators: Sequence[str] | None = None,
-    metrics: Sequence[str] = ('loss', 'acc'),
+    metrics: Sequence[str] | None = None,
     runs: Sequence[int] | None = None,
     estimator: str = 'threshold',
     timing: str = 'midpoint',
@@ -319,14 +315,15 @@ def phase_curves_figure(
   One column per evaluator, one row per metric. Runs that differ only by seed
   are drawn as their mean with a band; other runs as one line each. Dashed
   vertical lines mark each run's detected phase change of the panel's curve
-  (`{evaluator}/{metric}`, else `{evaluator}/loss`); loss panels carry
-  horizontal lines at ln 2 and at the threshold 0.4 ln 2.
+  (`{evaluator}/{metric}`, else `{evaluator}/loss`); a metric's panels carry
+  the task's reference lines (few-shot loss: ln 2 and the threshold 0.4 ln 2).
 
   Args:
     data: a loaded workdir, or its path.
     evaluators: columns; by default every evaluator that logged one of
       `metrics`, in the canonical order then alphabetically.
-    metrics: rows.
+    metrics: rows; by default loss and acc, and the headline metric (as
+      `loss_repeated` of the token task) first when it is another.
     runs: runs to draw; all by default.
     estimator: which phase_changes.csv estimator marks the curves.
     timing: which of onset/midpoint/end to mark.
@@ -339,7 +336,11 @@ def phase_curves_figure(
   name = 'phase curves'
   if data.metrics is None or not len(data.metrics):
     return _skip(name, 'no metrics.csv')
-  evaluators = list(evaluators or _evaluators(data.metrics, metrics))
+  if metrics is None:
+    headline = data.task['headline'].split('/')[-1]
+    metrics = tuple(dict.fromkeys(([headline] if headline else []) + ['loss', 'acc']))
+  references = data.task['references']
+  evaluators = list(evaluators or _evaluators(data, metrics))
   if not evaluators:
     return _skip(name, f'no evaluator logged {"/".join(metrics)}')
   run_ids = list(runs) if runs is not None else data.run_ids()
@@ -355,7 +356,9 @@ def phase_curves_figure(
     return phase[curve]
 
   labels = [_label(s, g) for s, g in groups]
-  ref_labels = ['ln 2', '0.4 ln 2', f'phase change ({estimator})']
+  refs = [(label, value) for m in metrics for label, value in references.get(m, ())]
+  ref_styles = ((':', '0.55'), ('-.', '0.3'), ((0, (1, 3)), '0.45'))
+  ref_labels = [label for label, _ in refs] + [f'phase change ({estimator})']
   legend_w = _legend_width(labels + ref_labels + ['min–max over seeds'])
   with _style():
     fig = _new_figure(len(evaluators) * _PANEL_W + legend_w,
@@ -380,9 +383,9 @@ def phase_curves_figure(
               ax.axvline(t, color=color, ls='--', lw=0.7, alpha=0.8,
                          gid='phase')
               any_phase = True
-        if metric == 'loss':
-          ax.axhline(LN2, color='0.55', ls=':', lw=0.8, gid='ref')
-          ax.axhline(THRESHOLD, color='0.3', ls='-.', lw=0.8, gid='ref')
+        for k, (_, value) in enumerate(references.get(metric, ())):
+          ls, color = ref_styles[k % len(ref_styles)]
+          ax.axhline(value, color=color, ls=ls, lw=0.8, gid='ref')
         if metric.startswith('acc'):
           ax.set_ylim(-0.03, 1.03)
         if not series:
@@ -400,12 +403,13 @@ def phase_curves_figure(
       notes.append((mpatches.Patch(color='0.6', alpha=0.35, lw=0),
                     'mean ± std over seeds' if band == 'std'
                     else 'min–max over seeds'))
-    if 'loss' in metrics:
-      notes += [(mlines.Line2D([], [], color='0.55', ls=':'), ref_labels[0]),
-                (mlines.Line2D([], [], color='0.3', ls='-.'), ref_labels[1])]
+    for m in metrics:
+      for k, (label, _) in enumerate(references.get(m, ())):
+        ls, color = ref_styles[k % len(ref_styles)]
+        notes.append((mlines.Line2D([], [], color=color, ls=ls), label))
     if any_phase:
       notes.append((mlines.Line2D([], [], color='0.3', ls='--', lw=0.7),
-                    ref_labels[2]))
+                    ref_labels[-1]))
     _legend(fig, [mlines.Line2D([], [], color=c) for c in colors], labels,
             notes)
   return fig
@@ -493,20 +497,21 @@ def progress_heads_figure(
     data: WorkdirData | str | pathlib.Path,
     *,
     source: str = 'auto',
-    evaluator: str = 'fsl_train',
+    evaluator: str | None = None,
     runs: Sequence[int] | None = None,
     average: bool = False,
     max_rows: int = 4,
 ) -> Figure | None:
-  """Induction strength of last-layer heads and previous-token score of
+  """The induction score of last-layer heads and previous-token score of
   first-layer heads over training, one line per head.
 
   Args:
     data: a loaded workdir, or its path.
-    source: 'metrics' (`induction_strength.h{h}` / `prev_token.h{h}` of
-      `evaluator` in metrics.csv), 'progress' (analysis/progress.csv), or
-      'auto' (metrics.csv when it has them).
-    evaluator: the metrics.csv evaluator to read.
+    source: 'metrics' (`{induction}.h{h}` / `prev_token.h{h}` of
+      `evaluator` in metrics.csv, with the task's induction score name:
+      `induction_strength` few-shot, `prefix_matching` tokens), 'progress'
+      (analysis/progress.csv), or 'auto' (metrics.csv when it has them).
+    evaluator: the metrics.csv evaluator to read (default: the headline's).
     runs: runs to show; all by default.
     average: one row per seed-averaged setting instead of one per run.
     max_rows: at most this many rows; the rest are noted in the title.
@@ -517,7 +522,9 @@ def progress_heads_figure(
   """
   data = _as_data(data)
   run_ids = list(runs) if runs is not None else data.run_ids()
-  measures = [('induction_strength', 'induction strength', True),
+  evaluator = evaluator or data.task['headline'].split('/')[0]
+  induction = data.task['induction_metric']
+  measures = [(induction, induction.replace('_', ' '), True),
               ('prev_token', 'prev-token score', False)]
   found = []
   for measure, title, last in measures:
@@ -525,7 +532,7 @@ def progress_heads_figure(
     if per_run:
       found.append((title, per_run))
   if not found:
-    return _skip('progress heads', 'no induction_strength or prev_token '
+    return _skip('progress heads', f'no {induction} or prev_token '
                  'values in metrics.csv or analysis/progress.csv')
   with_data = sorted(set().union(*(p.keys() for _, p in found)))
   rows, total = _row_groups(data, [r for r in run_ids if r in with_data]
@@ -654,7 +661,7 @@ def _varying(points: Sequence[Mapping[str, Any]], name: str) -> bool:
 def timing_vs_data_figure(
     data: WorkdirData | str | pathlib.Path,
     *,
-    curve: str = 'fsl_train/loss',
+    curve: str | None = None,
     estimator: str = 'threshold',
     timing: str = 'midpoint',
     axes: Sequence[str] | None = None,
@@ -669,11 +676,12 @@ def timing_vs_data_figure(
 
   Args:
     data: a loaded workdir, or its path.
-    curve: the phase_changes.csv / summary.csv curve.
+    curve: the phase_changes.csv / summary.csv curve (default: the task's
+      headline).
     estimator: the estimator whose times are plotted.
     timing: onset, midpoint or end (falls back to what exists).
-    axes: x-axis settings; by default those of `DATA_AXES` (and any other
-      numeric `data.*` setting) that take more than one value.
+    axes: x-axis settings; by default the task's per-run data settings
+      (`data_axes` of config.json's task facts) that take more than one value.
     errors: 'std' over seeds, or 'ci' (summary.csv's ci_low/ci_high).
 
   Returns:
@@ -682,17 +690,15 @@ def timing_vs_data_figure(
   """
   data = _as_data(data)
   name = 'timing vs data'
+  curve = curve or data.task['headline']
   points = _timing_points(data, curve, estimator, timing, errors)
   if not points:
     return _skip(name, f'no {estimator} phase-change times for {curve} in '
                  'analysis/summary.csv or analysis/phase_changes.csv')
   settings = list(points[0]['settings'])
   if axes is None:
-    extra = [s for s in settings if s.startswith('data.')
-             and s not in DATA_AXES and all(
-                 isinstance(p['settings'][s], (int, float)) for p in points)]
-    axes = [a for a in list(DATA_AXES) + extra
-            if a in settings and _varying(points, a)]
+    axes = [a for a in data.task['data_axes'] if a in settings and _varying(points, a)
+            and all(isinstance(p['settings'][a], (int, float)) for p in points)]
   if not axes:
     return _skip(name, 'no data setting varies across the grid')
   never = any(p['n_crossed'] == 0 for p in points)
@@ -1029,7 +1035,7 @@ def plot_composition(data: WorkdirData | str | pathlib.Path,
 
 # Optional file an analysis step may leave for `make_all`: arrays `patterns`
 # [n_ckpt, layers, heads, T, T] and `steps` [n_ckpt], and optionally `run`.
-ATTENTION_FILE = 'analysis/attention_patterns.npz'
+ATTENTION_FILE = files.ATTENTION_NPZ
 
 
 def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
@@ -1049,7 +1055,7 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
     The written paths (PNG, then PDF, per figure), in figure order.
   """
   data = load_workdir(workdir)
-  out_dir = data.path / 'plots'
+  out_dir = data.path / files.PLOTS_DIR
   formats = ('png', 'pdf') if pdf else ('png',)
   paths: Paths = []
   for plot in (plot_phase_curves, plot_progress_heads, plot_timing_vs_data,

@@ -19,16 +19,17 @@ from typing import Any
 import numpy as np
 
 from icldyn import results
+from icldyn.store import files
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = 'report.md'
+REPORT_NAME = files.REPORT_MD
 # Known figures in reading order, with the caption each gets in the report.
 CAPTIONS = {
     'phase_curves': 'Loss and accuracy per evaluator; dashed vertical lines '
-                    'mark detected phase changes, horizontal lines ln 2 and '
-                    'the threshold 0.4 ln 2.',
-    'progress_heads': 'Induction strength of last-layer heads and '
+                    'mark detected phase changes, horizontal lines the '
+                    "task's reference levels (legend).",
+    'progress_heads': 'Induction score of last-layer heads and '
                       'previous-token score of first-layer heads.',
     'timing_vs_data': 'Phase-change time against the swept data properties '
                       '(error bars over seeds; open markers never crossed).',
@@ -165,7 +166,7 @@ def _runs_line(data: results.WorkdirData) -> str | None:
 
 def write_report(workdir: str | pathlib.Path, *,
                  figures: Sequence[str | pathlib.Path] | None = None,
-                 curve: str = 'fsl_train/loss',
+                 curve: str | None = None,
                  estimator: str = 'threshold',
                  timing: str = 'midpoint',
                  max_rows: int = 200) -> pathlib.Path:
@@ -175,7 +176,7 @@ def write_report(workdir: str | pathlib.Path, *,
     workdir: the workdir `DIR`.
     figures: image files to embed; by default every PNG in `DIR/plots/`
       (run `icldyn.plots.make_all` first), known figures first.
-    curve: the phase-change curve to tabulate.
+    curve: the phase-change curve to tabulate (default: the task's headline).
     estimator: the phase-change estimator to tabulate.
     timing: which timing of summary.csv to show (onset/midpoint/end).
     max_rows: table rows beyond this are counted, not listed.
@@ -190,10 +191,10 @@ def write_report(workdir: str | pathlib.Path, *,
   if runs_line:
     lines += [runs_line, '']
 
+  curve = curve or data.task['headline']
   lines += ['## Phase-change times', '',
             f'Curve `{curve}`, estimator `{estimator}`; "{NOT_CROSSED}" means '
-            'the loss never reached the threshold 0.4 ln 2 '
-            f'= {0.4 * math.log(2):.3f}.', '']
+            'the curve never crossed its timing threshold.', '']
   table = None
   if data.summary is not None and 'curve' in data.summary:
     table = _summary_table(data.summary, curve, estimator, timing, max_rows)
@@ -205,7 +206,7 @@ def write_report(workdir: str | pathlib.Path, *,
   lines.append('')
 
   if figures is None:
-    plots = root / 'plots'
+    plots = root / files.PLOTS_DIR
     paths = sorted(plots.glob('*.png')) if plots.is_dir() else []
   else:
     paths = [pathlib.Path(f) for f in figures]

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from icldyn.store import files
+
 # runs.csv columns that describe the run's bookkeeping rather than a setting.
-RUN_META_COLUMNS = ('run', 'group', 'group_index', 'status', 'diverged_step')
+RUN_META_COLUMNS = files.RUNS_BOOKKEEPING
 # Settings that only change random draws: runs that differ in these alone are
 # replicates of one setting and are averaged together.
 SEED_COLUMNS = ('seeds.init', 'seeds.data', 'seeds.eval')
-PHASE_COLUMNS = ('curve', 'estimator', 'onset', 'midpoint', 'end', 'crossed',
-                 'fit_r2')
-SUMMARY_COLUMNS = ('curve', 'estimator', 'timing', 'n_seeds', 'n_crossed',
-                   'mean', 'std', 'ci_low', 'ci_high')
+PHASE_COLUMNS = files.TIMING_COLUMNS
+SUMMARY_COLUMNS = files.SUMMARY_COLUMNS
 
 _TRUE_STRINGS = frozenset({'true', '1', 'yes', 't', 'y'})
 _BOOL_STRINGS = frozenset({'true', 'false'})
@@ -235,6 +235,23 @@ class WorkdirData:
   phase_changes: Table | None = None
   summary: Table | None = None
 
+  @property
+  def task(self) -> dict[str, Any]:
+    """The task's facts of config.json (`icldyn.tasks.base.Task.facts`): name,
+    headline, evaluators, induction_metric, data_axes, references. A workdir
+    written before they were recorded gives what can be read from its tables:
+    no references, the headline from the first timed curve."""
+    facts = dict((self.config or {}).get('task') or {})
+    if 'headline' not in facts:
+      curves = (list(self.phase_changes.unique('curve'))
+                if self.phase_changes is not None and 'curve' in self.phase_changes else [])
+      facts['headline'] = curves[0] if curves else ''
+    facts.setdefault('evaluators', [])
+    facts.setdefault('induction_metric', 'induction_strength')
+    facts.setdefault('data_axes', [])
+    facts.setdefault('references', {})
+    return facts
+
   def setting_names(self) -> list[str]:
     """Per-run setting columns of runs.csv (dotted names), in file order."""
     if self.runs is None:
@@ -308,21 +325,20 @@ def load_workdir(workdir: str | pathlib.Path) -> WorkdirData:
   """
   path = pathlib.Path(workdir)
   config = None
-  config_path = path / 'config.json'
+  config_path = path / files.CONFIG_JSON
   if config_path.is_file():
     try:
       config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
       logging.warning('Ignoring unreadable %s: %s', config_path, e)
-  analysis = path / 'analysis'
   return WorkdirData(
       path=path,
       config=config,
-      runs=read_table(path / 'runs.csv'),
-      metrics=read_table(path / 'metrics.csv'),
-      progress=read_table(analysis / 'progress.csv'),
-      phase_changes=read_table(analysis / 'phase_changes.csv'),
-      summary=read_table(analysis / 'summary.csv'),
+      runs=read_table(path / files.RUNS_CSV),
+      metrics=read_table(path / files.METRICS_CSV),
+      progress=read_table(path / files.PROGRESS_CSV),
+      phase_changes=read_table(path / files.PHASE_CHANGES_CSV),
+      summary=read_table(path / files.SUMMARY_CSV),
   )
 
 

@@ -82,7 +82,7 @@ def _with_defaults(resolved: dict) -> dict:
   try:
     cfg, axes = config_lib.from_json(resolved)
   except (KeyError, TypeError, ValueError):
-    return resolved
+    return {"config": resolved.get("config"), "grid": resolved.get("grid")}
   return {"config": json.loads(config_lib.to_json(cfg)), "grid": axes}
 
 
@@ -131,7 +131,8 @@ def check_workdir(workdir: str, prepared: build.Prepared, overwrite: bool) -> bo
       return False
     raise ConfigError("--workdir", f"{cfg_path} is unreadable ({e}); "
                       "use another workdir or --overwrite") from None
-  diff = _diff_fields(_with_defaults(old), prepared.resolved())
+  new = prepared.resolved()
+  diff = _diff_fields(_with_defaults(old), {"config": new["config"], "grid": new["grid"]})
   if not diff:
     return True
   if overwrite:

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_config
 from icldyn import cli
 from icldyn import runner
-from icldyn import workdir as wd_lib
+from icldyn.store import files as wd_lib
 from icldyn.analysis import command, densify, loader, measures
 from icldyn.config import ConfigError
 

@@ -15,10 +15,11 @@ import pytest
 
 from conftest import tiny_config
 from icldyn import clamps as clamps_lib
-from icldyn import data as data_lib
+from icldyn.tasks import fewshot as data_lib
 from icldyn import model as model_lib
-from icldyn import runner
+from icldyn import build
 from icldyn.analysis import measures, weights
+from icldyn.tasks import fewshot
 
 D, H, DH, L = 16, 2, 8, 5
 
@@ -26,10 +27,10 @@ D, H, DH, L = 16, 2, 8, 5
 @pytest.fixture(scope="module")
 def group():
   """A prepared two-run group of the tiny config, with initial params."""
-  pg = runner.prepare(tiny_config(), ["seeds.init=0,1"]).groups[0]
+  pg = build.prepare(tiny_config(), ["seeds.init=0,1"]).groups[0]
   params = jax.device_get(jax.jit(jax.vmap(lambda s: model_lib.init_params(pg.static.model, s)))(
       pg.props.init_seed))
-  batch = measures.eval_batch(pg.group.config, pg.table, pg.props, 32)
+  batch = measures.eval_batch(pg.static, pg.table, pg.props, 32)
   return pg, params, batch
 
 
@@ -45,7 +46,7 @@ class PatternPlan:
   head: int = 0
 
   def forward(self, spec, params, batch, num_labels, clamp_params):
-    b, t, c = batch.labels.shape[0], spec.seq_len, spec.context_len
+    b, t, c = batch.labels.shape[0], spec.seq_len, spec.front.context_len
     if self.kind == "prev":
       rows = np.zeros((t, t), np.float32)
       rows[0, 0] = 1.0
@@ -64,7 +65,7 @@ class PatternPlan:
       mask[:, self.head, t - 1] = True
       layer = f"layer_{spec.num_layers - 1}"
     tree = {layer: {"attn": {"pattern": clamps_lib.Clamp(value, mask)}}}
-    return model_lib.apply(spec, params, batch.inputs, batch.labels, num_labels, tree)
+    return model_lib.apply(spec, params, batch, num_labels, tree)
 
 
 def _run(pg, params, batch, names, plan=None):
@@ -80,7 +81,7 @@ def _patterns(pg, params, batch, plan, run):
   b = jax.tree.map(lambda x: x[run], batch)
   num = pg.props.data.num_labels[run]
   if plan is None:
-    logits, acts = model_lib.apply(pg.static.model, p, b.inputs, b.labels, num)
+    logits, acts = model_lib.apply(pg.static.model, p, b, num)
   else:
     logits, acts = plan.forward(pg.static.model, p, b, num, None)
   return np.asarray(logits), {l: np.asarray(acts[f"layer_{l}"]["attn"]["pattern"]) for l in (0, 1)}
@@ -153,7 +154,8 @@ def test_clamped_previous_token_head_scores_one(group):
   uniform = np.full((1, 1, 5, 5), 0.0)
   for i in range(5):
     uniform[0, 0, i, :i + 1] = 1.0 / (i + 1)
-  np.testing.assert_allclose(measures.prev_token(jnp.asarray(uniform, jnp.float32)),
+  layout = fewshot.FewShotFront(context_len=2, input_dim=8, num_labels=5).layout
+  np.testing.assert_allclose(measures.prev_token(jnp.asarray(uniform, jnp.float32), layout),
                              [np.mean([1 / 4, 1 / 16])], rtol=1e-6)
 
 
@@ -161,13 +163,13 @@ def test_eval_batch_is_the_fsl_train_evaluation_set(group):
   pg, _, batch = group
   # Sequence i of the fsl_train set, drawn one at a time as the evaluator keys it.
   from icldyn import train as train_lib
-  from icldyn.config import EVALUATORS
-  spec = measures.fsl_train_spec(pg.group.config)
   props = jax.tree.map(lambda x: jnp.asarray(x[1]), pg.props)
   table = jax.tree.map(jnp.asarray, pg.table)
+  # The evaluator's key, as training derives it: fold_in(fold_in(seed, EVAL_STREAM), index).
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(props.eval_seed),
-                                              train_lib._EVAL_STREAM),
-                           EVALUATORS.index("fsl_train"))
+                                              train_lib.EVAL_STREAM),
+                           fewshot.EVALUATORS.index("fsl_train"))
+  spec = dict(pg.static.task.evals)["fsl_train"]
   one = jax.jit(lambda k, t, d: data_lib.sample_batch(k, t, d, spec, 1, 7))(key, table, props.data)
   np.testing.assert_array_equal(batch.classes[1, 7], one.classes[0])
   np.testing.assert_array_equal(batch.inputs[1, 7], one.inputs[0])
@@ -185,7 +187,7 @@ def _zeros():
 def _weight_program(params_list, names):
   """Runs the weight measures of stacked hand-built params through a tiny group's program."""
   seeds = ",".join(str(i) for i in range(len(params_list)))
-  pg = runner.prepare(tiny_config(), [f"seeds.init={seeds}"]).groups[0]
+  pg = build.prepare(tiny_config(), [f"seeds.init={seeds}"]).groups[0]
   # Weight measures read only the attention, label embedding and unembedding.
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *params_list)
   program = measures.make_program(pg.static, names)
@@ -260,25 +262,42 @@ def _svd_shares_reference(p):
   return out
 
 
+def _copying_by_eigenvalues(p, n):
+  """Elhage et al.'s copying score of each last-layer head on the first n labels, in numpy."""
+  a = p["layer_1"]["attn"]
+  e = np.asarray(p["embed_y"]["embedding"], np.float64)[:n]
+  w_u = np.asarray(p["unembed"]["kernel"], np.float64)[:, :n]
+  out = []
+  for h in range(H):
+    m = e @ np.asarray(a["w_v"][:, h], np.float64) @ np.asarray(a["w_o"][h], np.float64) @ w_u
+    lam = np.linalg.eigvals(m)
+    out.append(np.real(lam.sum()) / np.abs(lam).sum())
+  return np.asarray(out)
+
+
+SPEC5 = fewshot.model_spec(num_layers=2, num_heads=H, d_model=D, num_labels=L, context_len=2,
+                           input_dim=D)
+
+
 def test_ov_copying_uses_only_the_runs_labels():
   rng = np.random.default_rng(1)
   p = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), _zeros())
   for n in (3, L):
-    got = measures.ov_copying(p, jnp.asarray(n))
-    np.testing.assert_allclose(got, weights.ov_copying_score(p, -1, n), atol=1e-5)
+    got = measures.ov_copying(p, SPEC5, jnp.asarray(n))
+    np.testing.assert_allclose(got, _copying_by_eigenvalues(jax.device_get(p), n), atol=1e-5)
   # A head whose label map is the identity copies perfectly.
   q = _zeros()
   a = q["layer_1"]["attn"]
   q["embed_y"]["embedding"][:, :L] = np.eye(L)
   q["unembed"]["kernel"][:L, :] = np.eye(L)
   a["w_v"][:L, 0, :L], a["w_o"][0, :L, :L] = np.eye(L), np.eye(L)
-  assert float(measures.ov_copying(jax.tree.map(jnp.asarray, q), jnp.asarray(L))[0]) == (
+  assert float(measures.ov_copying(jax.tree.map(jnp.asarray, q), SPEC5, jnp.asarray(L))[0]) == (
       pytest.approx(1.0, abs=1e-6))
 
 
 def test_layout_and_names():
-  spec = model_lib.ModelSpec(num_layers=3, num_heads=2, d_model=16, num_labels=5,
-                             context_len=2, input_dim=16)
+  spec = fewshot.model_spec(num_layers=3, num_heads=2, d_model=16, num_labels=5,
+                            context_len=2, input_dim=16)
   lay = measures.make_layout(spec, measures.MEASURES, ("keep_head_0",))
   assert [k for k in lay if "/" in k] == [
       "q_composition/0/1", "k_composition/0/1", "v_composition/0/1", "k_composition_svd_share/0/1",
@@ -289,6 +308,9 @@ def test_layout_and_names():
   assert len(lay["k_composition_svd_share/1/2"]) == H * H * 8
   assert lay["k_composition_svd_share/1/2"][1] == measures.RowKey(
       "k_composition_svd_share.c1", 2, 0, 1, 0)
-  assert math.isclose(measures.rows_per_run(lay), sum(len(v) for v in lay.values()))
+  # Counted by hand: induction, previous-token and OV copying per head (3 H), loss and
+  # acc, both again under the clamp, and for each of the 3 layer pairs 3 composition
+  # kinds and the SVD shares (d_head = 8 components) per head pair.
+  assert measures.rows_per_run(lay) == 3 * H + 2 + 2 + 3 * (3 * H * H + 8 * H * H)
   with pytest.raises(ValueError, match="unknown measures"):
     measures.make_program(None, ["nope"])

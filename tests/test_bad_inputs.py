@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from icldyn import cli, runner
+from icldyn import build, cli, runner
 from conftest import ROOT
 
 STUDY = os.path.join(ROOT, "experiments", "ih_paper.py") + ":smoke"
@@ -193,7 +193,7 @@ def _make_files(tmp):
   os.makedirs(os.path.join(tmp, "other"))
   from icldyn import config as config_lib
   cfg = config_lib.load_config(STUDY)
-  write("other/config.json", json.dumps(runner.prepare(cfg).resolved()))
+  write("other/config.json", json.dumps(build.prepare(cfg).resolved()))
   os.makedirs(os.path.join(tmp, "badjson"))
   write("badjson/config.json", '{"config": {"model"')
   os.makedirs(os.path.join(tmp, "locked"))

@@ -17,16 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn import build
 from icldyn import clamps as C
 from icldyn import config as config_lib
-from icldyn import data as data_lib
-from icldyn import metrics as metrics_lib
 from icldyn import model as model_lib
 from icldyn import runner
 from icldyn import sharding as sharding_lib
 from icldyn import train as train_lib
-from icldyn.config import ConfigError
+from icldyn.errors import ConfigError
+from icldyn.store import checkpoints as ckpt_lib
+from icldyn.tasks import fewshot
+from icldyn.tasks import fewshot as data_lib
+from icldyn.tasks import scores
 
 
 def tiny_config(num_heads=4):
@@ -52,7 +54,7 @@ def tiny_config(num_heads=4):
 
 
 CFG = tiny_config()
-SPEC = train_lib.build_static(CFG).model  # 2 layers, 4 heads, d 16, C 2 (T 5), 5 labels
+SPEC = build.model_spec(CFG)  # 2 layers, 4 heads, d 16, C 2 (T 5), 5 labels
 L, H, T = SPEC.num_layers, SPEC.num_heads, SPEC.seq_len
 
 
@@ -71,8 +73,8 @@ def make_batch():
   classes = np.array([[0, 1, 0], [1, 0, 0], [2, 2, 2], [1, 2, 0], [0, 1, 1], [3, 0, 0]], np.int32)
   labels = np.array([[2, 4, 2], [3, 1, 1], [0, 0, 0], [1, 3, 4], [4, 2, 2], [0, 1, 1]], np.int32)
   rng = np.random.default_rng(2)
-  means = rng.normal(size=(4, SPEC.input_dim))
-  inputs = means[classes] + 0.3 * rng.normal(size=classes.shape + (SPEC.input_dim,))
+  means = rng.normal(size=(4, SPEC.front.input_dim))
+  inputs = means[classes] + 0.3 * rng.normal(size=classes.shape + (SPEC.front.input_dim,))
   return data_lib.Batch(inputs.astype(np.float32), labels, classes)
 
 
@@ -107,8 +109,8 @@ PLAN, CLAMP_PARAMS = C.build(SPEC, list(CASES.values()))
 
 
 def loss(params, clamp_params):
-  logits, _ = PLAN.forward(SPEC, params, BATCH, SPEC.num_labels, clamp_params)
-  return jnp.mean(metrics_lib.query_xent(logits[:, -1], BATCH.labels[:, -1]))
+  logits, _ = PLAN.forward(SPEC, params, BATCH, SPEC.num_outputs, clamp_params)
+  return jnp.mean(fewshot.query_xent(logits[:, -1], BATCH.labels[:, -1]))
 
 
 
@@ -120,8 +122,8 @@ def per_run(params):
   return jax.tree.map(lambda x: np.broadcast_to(x, (len(NAMES),) + x.shape), params)
 
 
-FORWARD = jax.jit(jax.vmap(lambda p, cp: PLAN.forward(SPEC, p, BATCH, SPEC.num_labels, cp)))
-PLAIN = jax.jit(lambda p: model_lib.apply(SPEC, p, BATCH.inputs, BATCH.labels, SPEC.num_labels))
+FORWARD = jax.jit(jax.vmap(lambda p, cp: PLAN.forward(SPEC, p, BATCH, SPEC.num_outputs, cp)))
+PLAIN = jax.jit(lambda p: fewshot.apply(SPEC, p, BATCH.inputs, BATCH.labels, SPEC.num_outputs))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,8 @@ def test_induction_pattern_exact(out):
         want[b, 2 * i + 1] = s if ok else np.float32(1) - s
   np.testing.assert_array_equal(p, want)
   # Two pairs, one correct: the paper's induction strength 2s - 1.
-  strength = np.asarray(metrics_lib.induction_strength(attn(out["induction"][1], 1), BATCH.classes))
+  strength = np.asarray(scores.induction_rows(attn(out["induction"][1], 1),
+                                              SPEC.front.targets(BATCH))[0])
   np.testing.assert_allclose(strength[[0, 1, 4, 5], 2], 2 * 0.9 - 1, rtol=1e-6)
   np.testing.assert_array_equal(attn(out["induction"][1], 1)[:, 2, :-1],
                                 attn(out["none"][1], 1)[:, 2, :-1])
@@ -269,7 +272,7 @@ def test_silence_non_label(out):
 
 def copy_reference(scores, labels):
   """[B, C] scores, [B, C] labels → [B, L] via per-label log-sum-exp (float64)."""
-  want = np.full((B, SPEC.num_labels), -np.inf)
+  want = np.full((B, SPEC.num_outputs), -np.inf)
   for b in range(B):
     for y in set(labels[b].tolist()):
       want[b, y] = np.logaddexp.reduce(scores[b][labels[b] == y].astype(np.float64))
@@ -513,7 +516,7 @@ def with_fields(**fields):
 ])
 def test_config_validation(fields, field, message):
   with pytest.raises(ConfigError, match=message) as e:
-    config_lib.validate(with_fields(**fields))
+    build.validate(with_fields(**fields))
   assert e.value.field == field
 
 
@@ -533,10 +536,16 @@ def test_named_plans():
   assert C.named_clamps("preserve_pattern_ablate_v_0", SPEC) == (
       C.Preserve(what=("pattern",)), C.AblateHeads(layer=0))
   assert C.named_plan("unclamped", SPEC) == C.Plan((), ())
-  assert C.named_plan("keep_head_2", SPEC) == C.named_plan("keep_head_2", SPEC)  # hashable, static
-  with pytest.raises(ConfigError, match="ablate_layer_N") as e:
+  # A plan is static: equal plans built twice hash equally (they key one
+  # compiled program), and a different clamp gives a different plan.
+  a, b = C.named_plan("keep_head_2", SPEC), C.named_plan("keep_head_2", SPEC)
+  assert a is not b and a == b and hash(a) == hash(b)
+  assert C.named_plan("keep_head_1", SPEC) != a
+  with pytest.raises(ConfigError, match="did you mean keep_head_2\\?$") as e:
     C.named_plan("keep_heads_2", SPEC)
   assert e.value.field == "eval.clamps"
+  with pytest.raises(ConfigError, match="ablate_layer_N"):  # nothing close: the catalogue
+    C.named_plan("everything", SPEC)
   with pytest.raises(ConfigError, match="layer 2 out of range"):
     C.named_plan("ablate_layer_2", SPEC)
 
@@ -544,7 +553,7 @@ def test_named_plans():
 def test_named_plan_equals_training_clamp(out):
   # A fixed plan computes what the same clamps do as per-run data.
   plan = C.named_plan("preserve_pattern_ablate_v_0", SPEC)
-  logits, _ = jax.jit(lambda p: plan.forward(SPEC, p, BATCH, SPEC.num_labels, None))(PARAMS)
+  logits, _ = jax.jit(lambda p: plan.forward(SPEC, p, BATCH, SPEC.num_outputs, None))(PARAMS)
   np.testing.assert_allclose(logits, out["preserve_pattern_ablate"][0], rtol=1e-6, atol=1e-6)
 
 
@@ -556,14 +565,14 @@ def test_conditions_share_one_program_and_positions_are_bitwise():
   settings = [{"clamp.keep_head": k, "clamp.condition": c, "clamp.strength": s}
               for k, c, s in ((-1, "none", 1.0), (1, "prev_token", 0.7), (1, "layer1", 1.0),
                               (2, "match", 0.9), (3, "copy", 1.0), (0, "layer1_copy", 1.0))]
-  plan, params, evals = C.plans_for_group(CFG, settings)
+  plan, params, evals = C.plans_for_group(CFG, settings, SPEC)
   assert evals == ()
   # Any subset of the conditions with the same sites gives the same (static) plan.
-  plan2, _, _ = C.plans_for_group(CFG, settings[::-1])
+  plan2, _, _ = C.plans_for_group(CFG, settings[::-1], SPEC)
   assert plan2 == plan and hash(plan2) == hash(plan)
-  assert (C.plans_for_group(CFG, [{"clamp.keep_head": 3}])[0]
-          == C.plans_for_group(CFG, [{"clamp.keep_head": 1}])[0])
-  fwd = jax.jit(jax.vmap(lambda cp: plan.forward(SPEC, PARAMS, BATCH, SPEC.num_labels, cp)))
+  assert (C.plans_for_group(CFG, [{"clamp.keep_head": 3}], SPEC)[0]
+          == C.plans_for_group(CFG, [{"clamp.keep_head": 1}], SPEC)[0])
+  fwd = jax.jit(jax.vmap(lambda cp: plan.forward(SPEC, PARAMS, BATCH, SPEC.num_outputs, cp)))
   logits, acts = jax.device_get(fwd(params))
   perm = [3, 0, 5, 1, 4, 2]
   logits_p, acts_p = jax.device_get(fwd(jax.tree.map(lambda x: x[perm], params)))
@@ -596,10 +605,11 @@ def keep_head_grid(tmp_path_factory):
 
 def test_keep_head_grid_compiles_once_and_equals_runs_alone(keep_head_grid):
   cfg, axes, workdir = keep_head_grid
-  prepared = runner.prepare(cfg, axes)
+  prepared = build.prepare(cfg, axes)
   assert len(prepared.groups) == 1  # one group: one compiled program for the 8 runs
   pg = prepared.groups[0]
-  assert pg.static.plan == C.plans_for_group(cfg, [{"clamp.keep_head": 5}])[0]
+  assert pg.static.plan == C.plans_for_group(cfg, [{"clamp.keep_head": 5}],
+                                             build.model_spec(cfg))[0]
   store = ckpt_lib.Store(workdir, 0, read_only=True)
   final = store.restore_params(store.stream_steps()[-1])
   store.close()
@@ -636,15 +646,17 @@ def test_keep_head_grid_records_clamps_and_evaluates_named_clamps(keep_head_grid
     evaluators = {r["evaluator"] for r in csv.DictReader(f)}
   assert {"fsl_train", "fsl_train@keep_head_0", "fsl_train@unclamped"} <= evaluators
   # A checkpoint of this grid as a graft donor.
-  spec, params = C.load_donor(workdir, 3)
+  spec, params = build.load_donor(workdir, 3)
   assert spec == dataclasses.replace(SPEC, num_heads=8)
   store = ckpt_lib.Store(workdir, 0, read_only=True)
   final = store.restore_params(store.stream_steps()[-1])
   store.close()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b[3])
-  (resolved,) = C.resolve(spec, [C.GraftIn(layer=0, workdir=workdir, run=3)])
+  (resolved,) = C.resolve(spec, [C.GraftIn(layer=0, workdir=workdir, run=3)],
+                          load_donor=build.load_donor)
+  assert len(jax.tree.leaves(resolved.params)) == len(jax.tree.leaves(params)) > 0
   for a, b in zip(jax.tree.leaves(resolved.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ConfigError, match="differs from this model's in \\['num_heads'\\]"):
-    C.resolve(SPEC, [C.GraftOut(layer=0, workdir=workdir, run=3)])
+    C.resolve(SPEC, [C.GraftOut(layer=0, workdir=workdir, run=3)], load_donor=build.load_donor)

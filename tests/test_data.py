@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icldyn import data as data_lib
+from icldyn.tasks import fewshot as data_lib
 from icldyn.config import ConfigError
 from conftest import tiny_config
 

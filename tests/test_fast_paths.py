@@ -14,14 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icldyn import data as data_lib
+from icldyn import build, sharding
 from icldyn import model as model_lib
-from icldyn import runner, sharding
 from icldyn import train as train_lib
+from icldyn.model import core as model_core
+from icldyn.tasks import fewshot
+from icldyn.tasks import fewshot as data_lib
 from conftest import tiny_config
 
-SPEC = model_lib.ModelSpec(num_layers=2, num_heads=2, d_model=16, num_labels=5,
-                           context_len=2, input_dim=8)
+SPEC = fewshot.model_spec(num_layers=2, num_heads=2, d_model=16, num_labels=5,
+                          context_len=2, input_dim=8)
 
 
 def _close(a, b, rel=1e-6):
@@ -42,11 +44,11 @@ def test_small_attention_products_equal_einsum(monkeypatch):
   params = model_lib.init_params(SPEC, 0)
   x, y = _batch()
   def run(p):
-    return model_lib.apply(SPEC, p, x, y, 5)
+    return fewshot.apply(SPEC, p, x, y, 5)
   def loss(p):
     return jnp.sum(run(p)[0][:, -1, :] ** 2)
   small = (run(params), jax.grad(loss)(params))
-  monkeypatch.setattr(model_lib, "_SMALL_ATTENTION", 0)  # every context takes the einsum
+  monkeypatch.setattr(model_core, "SMALL_ATTENTION", 0)  # every context takes the einsum
   plain = (run(params), jax.grad(loss)(params))
   # float32 sums of 5-8 terms in another order: rounding, so compared norm-wise
   # per array (an entry that is a difference of large terms may differ more).
@@ -70,7 +72,7 @@ def test_contract_gradients_equal_tensordot(k):
   def vjp(f):
     out, pull = jax.vjp(jax.vmap(f), x, w)
     return (out,) + pull(g)
-  mine = vjp(lambda a, b: model_lib.contract(a, b, k))
+  mine = vjp(lambda a, b: model_core.contract(a, b, k))
   plain = vjp(lambda a, b: jnp.tensordot(a, b, axes=k))
   for a, b in zip(mine, plain):
     assert a.shape == b.shape
@@ -80,9 +82,9 @@ def test_contract_gradients_equal_tensordot(k):
 def test_model_gradients_do_not_depend_on_the_embedding_rule(monkeypatch):
   params = model_lib.init_params(SPEC, 0)
   x, y = _batch()
-  loss = lambda p: jnp.sum(model_lib.apply(SPEC, p, x, y, 5)[0][:, -1, :] ** 2)
+  loss = lambda p: jnp.sum(fewshot.apply(SPEC, p, x, y, 5)[0][:, -1, :] ** 2)
   mine = jax.grad(loss)(params)
-  monkeypatch.setattr(model_lib, "_NATURAL_GRADS", False)
+  monkeypatch.setattr(model_core, "NATURAL_GRADS", False)
   plain = jax.grad(loss)(params)
   for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(plain)):
     _close(a, b)
@@ -95,7 +97,7 @@ def test_table_row_embedding_equals_token_embedding():
   _, y = _batch()
   tr = data_lib.TableRows(x=rows, index=index)
   def loss(p, table_rows):
-    logits, _ = model_lib.apply(SPEC, p, rows[index], y, 5, table_rows=table_rows)
+    logits, _ = fewshot.apply(SPEC, p, rows[index], y, 5, table_rows=table_rows)
     return jnp.sum(jax.nn.log_softmax(logits[:, -1]) * jax.nn.one_hot(y[:, -1], 5))
   a = jax.value_and_grad(loss)(params, tr)
   b = jax.value_and_grad(loss)(params, None)
@@ -105,15 +107,16 @@ def test_table_row_embedding_equals_token_embedding():
 
 def test_sampler_table_rows_index_the_inputs():
   cfg = tiny_config()
-  pg = runner.prepare(cfg).groups[0]
-  assert pg.static.train_seq.table_rows  # 12 classes x 1 exemplar < 16 x 3 tokens
+  pg = build.prepare(cfg).groups[0]
+  assert pg.static.task.train_seq.table_rows  # 12 classes x 1 exemplar < 16 x 3 tokens
   props = jax.tree.map(lambda v: jnp.asarray(v[0]), pg.props)
   table = jax.tree.map(jnp.asarray, pg.table)
   batch = train_lib.train_batch(pg.static, table, props, 3)
   np.testing.assert_array_equal(batch.table_rows.x[batch.table_rows.index], batch.inputs)
   # Without table rows the same key gives the same sequences.
-  static = dataclasses.replace(
-      pg.static, train_seq=dataclasses.replace(pg.static.train_seq, table_rows=False))
+  task = pg.static.task
+  static = dataclasses.replace(pg.static, task=dataclasses.replace(
+      task, train_seq=dataclasses.replace(task.train_seq, table_rows=False)))
   plain = train_lib.train_batch(static, table, props, 3)
   assert plain.table_rows is None
   np.testing.assert_array_equal(plain.inputs, batch.inputs)
@@ -121,9 +124,9 @@ def test_sampler_table_rows_index_the_inputs():
 
 
 def test_noise_or_many_rows_embed_tokens():
-  assert not runner.prepare(tiny_config(data__noise=0.5)).groups[0].static.train_seq.table_rows
+  assert not build.prepare(tiny_config(data__noise=0.5)).groups[0].static.task.train_seq.table_rows
   many = tiny_config(data__num_train_classes=60, data__num_test_classes=6)
-  assert not runner.prepare(many).groups[0].static.train_seq.table_rows  # 60 rows > 48 tokens
+  assert not build.prepare(many).groups[0].static.task.train_seq.table_rows  # 60 rows > 48 tokens
 
 
 @pytest.mark.parametrize("lr", [1e-3, 1e30])
@@ -131,7 +134,7 @@ def test_grid_guard_equals_the_per_run_step(lr):
   """The chunk's grid-level guard against the vmapped per-run `train_step`: a
   finite grid, and one whose second run diverges at its first step."""
   cfg = tiny_config()
-  pg = runner.prepare(cfg, [f"seeds.init+train.learning_rate=0/1e-3,1/{lr}"]).groups[0]
+  pg = build.prepare(cfg, [f"seeds.init+train.learning_rate=0/1e-3,1/{lr}"]).groups[0]
   mesh = sharding.run_mesh(2)
   props = jax.tree.map(jnp.asarray, pg.props)
   table = jax.tree.map(jnp.asarray, pg.table)

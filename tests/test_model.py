@@ -1,15 +1,19 @@
 """The model's shapes and details, and the clamp mechanism."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from icldyn import model as model_lib
-from icldyn.clamps import Clamp
+from icldyn.model import Clamp
+from icldyn.model import core as model_core
+from icldyn.tasks import fewshot
 
-SPEC = model_lib.ModelSpec(num_layers=2, num_heads=2, d_model=16, num_labels=5,
-                           context_len=2, input_dim=8)
+SPEC = fewshot.model_spec(num_layers=2, num_heads=2, d_model=16, num_labels=5,
+                          context_len=2, input_dim=8)
 B, T = 3, 5
 
 
@@ -19,7 +23,7 @@ def setup():
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   x = jax.random.normal(k1, (B, 3, 8))
   y = jax.random.randint(k2, (B, 3), 0, 5)
-  fwd = jax.jit(lambda p, x, y, c: model_lib.apply(SPEC, p, x, y, 5, c))
+  fwd = jax.jit(lambda p, x, y, c: fewshot.apply(SPEC, p, x, y, 5, c))
   return params, x, y, fwd
 
 
@@ -61,8 +65,8 @@ def test_rope_scores_depend_on_relative_position():
   q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8))
   k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8))
   def score(i, j):
-    qs = model_lib.rope(jnp.tile(q, (1, 10, 1, 1)), 10000.0)[0, i, 0]
-    ks = model_lib.rope(jnp.tile(k, (1, 10, 1, 1)), 10000.0)[0, j, 0]
+    qs = model_core.rope(jnp.tile(q, (1, 10, 1, 1)), 10000.0)[0, i, 0]
+    ks = model_core.rope(jnp.tile(k, (1, 10, 1, 1)), 10000.0)[0, j, 0]
     return float(qs @ ks)
   assert score(5, 3) == pytest.approx(score(7, 5), rel=1e-5)
   assert score(5, 3) != pytest.approx(score(5, 4), rel=1e-3)
@@ -70,12 +74,12 @@ def test_rope_scores_depend_on_relative_position():
 
 def test_label_padding_behaves_like_fewer_outputs(setup):
   _, x, y, _ = setup
-  big = model_lib.ModelSpec(**{**SPEC.__dict__, "num_labels": 9})
+  big = dataclasses.replace(SPEC, front=dataclasses.replace(SPEC.front, num_labels=9))
   p5, p9 = model_lib.init_params(SPEC, 0), model_lib.init_params(big, 0)
   np.testing.assert_array_equal(p9["embed_y"]["embedding"][:5], p5["embed_y"]["embedding"])
   np.testing.assert_array_equal(p9["unembed"]["kernel"][:, :5], p5["unembed"]["kernel"])
-  l5, _ = model_lib.apply(SPEC, p5, x, y, 5)
-  l9, _ = model_lib.apply(big, p9, x, y, 5)
+  l5, _ = fewshot.apply(SPEC, p5, x, y, 5)
+  l9, _ = fewshot.apply(big, p9, x, y, 5)
   # Different programs (5 and 9 outputs): XLA CPU may vectorise the unembedding
   # product differently for the two shapes and for different instruction sets
   # (AVX2 without AVX-512 rounds 32 of these 45 logits one float32 step apart,
@@ -87,8 +91,8 @@ def test_label_padding_behaves_like_fewer_outputs(setup):
 
 
 def test_init_distributions():
-  spec = model_lib.ModelSpec(num_layers=1, num_heads=4, d_model=64, num_labels=200,
-                             context_len=2, input_dim=512)
+  spec = fewshot.model_spec(num_layers=1, num_heads=4, d_model=64, num_labels=200,
+                            context_len=2, input_dim=512)
   p = model_lib.init_params(spec, 0)
   e = np.asarray(p["embed_y"]["embedding"])
   # N(0, 0.02^2) truncated at +-2 sigma: std 0.02 * 0.8796, values within 0.04.
@@ -140,7 +144,7 @@ def test_clamped_node_equals_value_and_blocks_gradient(setup, path):
 
   # The gradient of a function of the clamped node reaches nothing upstream of it.
   def f(p):
-    _, a = model_lib.apply(SPEC, p, x, y, 5, c)
+    _, a = fewshot.apply(SPEC, p, x, y, 5, c)
     return jnp.sum(_get(a, path) ** 2)
   g = jax.grad(f)(params)
   assert all(float(jnp.max(jnp.abs(l))) == 0.0 for l in jax.tree.leaves(g))
@@ -151,7 +155,7 @@ def test_partial_mask_gradient_flows_only_through_unclamped_heads(setup):
   mask = jnp.zeros((1, 1, 2, 1), bool).at[:, :, 0].set(True)  # head 0 of layer 1 ablated
   c = {"layer_1": {"attn": {"z": Clamp(jnp.zeros(()), mask)}}}
   def loss(p, c):
-    logits, _ = model_lib.apply(SPEC, p, x, y, 5, c)
+    logits, _ = fewshot.apply(SPEC, p, x, y, 5, c)
     return jnp.sum(logits[:, -1] ** 2)
   g = jax.grad(loss)(params, c)
   w_o = np.asarray(g["layer_1"]["attn"]["w_o"])
@@ -167,7 +171,7 @@ def test_different_masks_in_one_vmapped_call_match_separate_calls(setup):
   masks = jnp.stack([jnp.zeros((1, 1, 2, 1), bool),
                      jnp.zeros((1, 1, 2, 1), bool).at[:, :, 1].set(True)])
   c = {"layer_1": {"attn": {"z": Clamp(jnp.zeros((2,)), masks)}}}
-  vfwd = jax.jit(jax.vmap(lambda cl: model_lib.apply(SPEC, params, x, y, 5, cl)[0]))
+  vfwd = jax.jit(jax.vmap(lambda cl: fewshot.apply(SPEC, params, x, y, 5, cl)[0]))
   both = vfwd(c)
   for i in range(2):
     # Bitwise: a run's result does not depend on what its neighbours clamp.

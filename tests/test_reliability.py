@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn.store import checkpoints as ckpt_lib
 from icldyn import cli, runner
 from conftest import ROOT, tiny_config
 

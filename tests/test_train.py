@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from icldyn import checkpoint as ckpt_lib
+from icldyn.store import checkpoints as ckpt_lib
 from icldyn import runner
 from conftest import run_python, tiny_config
 
@@ -135,7 +135,7 @@ runner.train(tiny_config(), {str(out)!r}, {AXES!r}, quiet=True)
 
 
 def test_tensorboard_tags_are_legal_and_otherwise_unchanged():
-  from icldyn import workdir
+  from icldyn.store import files as workdir
   assert workdir.tensorboard_tag("fsl_train@keep_head_3/loss") == "fsl_train_keep_head_3/loss"
   for tag in ("fsl_train/induction_strength.h7", "train/grad_norm", "fsl_val_rl/acc"):
     assert workdir.tensorboard_tag(tag) == tag

@@ -7,13 +7,13 @@ Adding a task is one module here plus its study file (docs/tasks.md).
 from __future__ import annotations
 
 from icldyn.errors import ConfigError, did_you_mean
-from icldyn.tasks import fewshot
+from icldyn.tasks import fewshot, repeat_tokens
 from icldyn.tasks.base import Layout as Layout
 from icldyn.tasks.base import Targets as Targets
 from icldyn.tasks.base import Task as Task
 from icldyn.tasks.base import TaskSpec as TaskSpec
 
-TASKS: dict[str, Task] = {t.name: t for t in (fewshot.TASK,)}
+TASKS: dict[str, Task] = {t.name: t for t in (fewshot.TASK, repeat_tokens.TASK)}
 
 
 def get(name: str) -> Task:

@@ -159,6 +159,7 @@ class Task:
     default_curves: curves `icldyn analyze` times by default.
     induction_metric: the per-head score name the evaluators log
       (`{induction_metric}.h{h}`, last layer; `prev_token.h{h}`, first layer).
+    references: horizontal reference lines of the figures, per metric.
   """
   name: ClassVar[str] = ""
   group: ClassVar[str] = ""
@@ -169,6 +170,21 @@ class Task:
   headline: ClassVar[str] = ""
   default_curves: ClassVar[tuple[str, ...]] = ()
   induction_metric: ClassVar[str] = "induction_strength"
+  references: ClassVar[dict[str, tuple[tuple[str, float], ...]]] = {}
+
+  def facts(self) -> dict[str, Any]:
+    """What the figures and the report need to know of the task, as plain data.
+
+    `icldyn train` writes it into config.json (key `task`), so the plots,
+    which never import JAX (nor, therefore, the tasks), read it from there.
+    Keys: name, headline, evaluators (in order), induction_metric,
+    data_axes (per-run fields, the x axes of timing plots), references
+    ({metric: [[label, value], ...]}: horizontal lines on that metric's
+    panels).
+    """
+    return {"name": self.name, "headline": self.headline, "evaluators": list(self.evaluators),
+            "induction_metric": self.induction_metric, "data_axes": list(self.per_run_fields),
+            "references": {m: [list(r) for r in refs] for m, refs in self.references.items()}}
 
   def fields(self):
     """The task's config group (an `ml_collections.ConfigDict`) with its defaults."""

@@ -751,6 +751,9 @@ class FewShot(base.Task):
   headline = "fsl_train/loss"
   default_curves = ("fsl_train/loss", "fsl_train/induction_strength")
   induction_metric = "induction_strength"
+  # Two labels in context: the plateau at chance, and the loss at which the
+  # task counts as solved (Singh et al. 2024), the default timing threshold.
+  references = {"loss": (("ln 2", math.log(2.0)), ("0.4 ln 2", 0.4 * math.log(2.0)))}
 
   def fields(self) -> ml_collections.ConfigDict:
     """The paper's main run (Sec. 2) as the defaults of `data.*`."""

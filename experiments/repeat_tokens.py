@@ -1,0 +1,64 @@
+"""Induction heads on repeated token sequences (Olsson et al. 2022; Elhage et al. 2021).
+
+Command:
+    icldyn train --config experiments/repeat_tokens.py[:cpu|:smoke] --workdir runs/repeat_tokens
+
+What it runs: a 2-layer attention-only transformer (8 heads, d_model 64,
+RoPE, LayerNorm) predicting the next token of 64-token sequences (BOS + 63)
+in which a random segment repeats once (`task.name=repeat_tokens`,
+icldyn/tasks/repeat_tokens.py). One grid, one program per group: seeds x
+vocabulary size x segment length, and the first layer's head 0 clamped to a
+perfect previous-token pattern (`clamp.condition=prev_token`) against no
+clamp. `cpu`: 2 seeds x V in {32, 64} x segment in {8, 16} x 2 conditions
+(32 runs) for 4e5 sequences each at lr 1e-3; `smoke`: seconds; the full
+variant: 4 seeds and 1e6 sequences.
+
+What to look for: the loss on repeated tokens (`tok_train/loss_repeated`)
+sits near ln V and then falls abruptly; at the same time a first-layer head
+becomes a previous-token head (`prev_token.h*`) and a last-layer head an
+induction head (`prefix_matching.h*`).
+"""
+
+from icldyn.config import base_config
+
+GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=8,16", "clamp.condition=none,prev_token")
+
+
+def get_config(arg: str = ""):
+  c = base_config()
+  with c.unlocked():
+    c.task.name = "repeat_tokens"
+    c.model.mlp_ratio = None
+    c.train.learning_rate = 1e-3
+    c.train.batch_size = 32
+    c.eval.size = 512
+    c.eval.batch = 256
+    if arg == "smoke":
+      c.model.num_heads = 4
+      c.model.d_model = 32
+      c.tokens.seq_len = 32
+      c.tokens.vocab_size = 16
+      c.tokens.segment_len = 6
+      c.train.num_sequences = 1600
+      c.train.eval_every = 800
+      c.eval.size = 32
+      c.eval.batch = 32
+      c.checkpoint.every = 800
+      c.checkpoint.resume_every = 800
+      c.grid = ("seeds.init=0,1",)
+    elif arg == "cpu":
+      c.train.num_sequences = 400_000
+      c.train.eval_every = 8_000
+      c.checkpoint.every = 40_000
+      c.checkpoint.log_num = 10
+      c.checkpoint.resume_every = 100_000
+      c.grid = ("seeds.init=0,1",) + GRID
+    elif arg == "":
+      c.train.num_sequences = 1_000_000
+      c.train.eval_every = 10_000
+      c.checkpoint.every = 50_000
+      c.checkpoint.log_num = 20
+      c.grid = ("seeds.init=0,1,2,3",) + GRID
+    else:
+      raise ValueError(f"unknown variant {arg!r} (use '', 'cpu' or 'smoke')")
+  return c
