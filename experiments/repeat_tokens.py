@@ -3,15 +3,16 @@
 Command:
     icldyn train --config experiments/repeat_tokens.py[:cpu|:smoke] --workdir runs/repeat_tokens
 
-What it runs: a 2-layer attention-only transformer (8 heads, d_model 64,
-RoPE, LayerNorm) predicting the next token of 64-token sequences (BOS + 63)
-in which a random segment repeats once (`task.name=repeat_tokens`,
-icldyn/tasks/repeat_tokens.py). One grid, one program per group: seeds x
-vocabulary size x segment length, and the first layer's head 0 clamped to a
-perfect previous-token pattern (`clamp.condition=prev_token`) against no
-clamp. `cpu`: 2 seeds x V in {32, 64} x segment in {8, 16} x 2 conditions
-(32 runs) for 4e5 sequences each at lr 1e-3; `smoke`: seconds; the full
-variant: 4 seeds and 1e6 sequences.
+What it runs: a 2-layer attention-only transformer (RoPE, LayerNorm)
+predicting the next token of 64-token sequences (BOS + 63) in which a random
+segment repeats once (`task.name=repeat_tokens`,
+icldyn/tasks/repeat_tokens.py), Adam at lr 3e-3, batch 32. One grid, one
+compiled program: seeds x vocabulary size x segment length, and the first
+layer's head 0 clamped to a perfect previous-token pattern
+(`clamp.condition=prev_token`) against no clamp. `cpu`: 4 heads, d_model 32,
+2 seeds x V in {32, 64} x segment in {16, 24} x 2 conditions (16 runs),
+1.28e5 sequences each; the full variant: 8 heads, d_model 64, 4 seeds, 5e5
+sequences; `smoke`: seconds.
 
 What to look for: the loss on repeated tokens (`tok_train/loss_repeated`)
 sits near ln V and then falls abruptly; at the same time a first-layer head
@@ -21,7 +22,7 @@ induction head (`prefix_matching.h*`).
 
 from icldyn.config import base_config
 
-GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=8,16", "clamp.condition=none,prev_token")
+GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=16,24", "clamp.condition=none,prev_token")
 
 
 def get_config(arg: str = ""):
@@ -29,7 +30,7 @@ def get_config(arg: str = ""):
   with c.unlocked():
     c.task.name = "repeat_tokens"
     c.model.mlp_ratio = None
-    c.train.learning_rate = 1e-3
+    c.train.learning_rate = 3e-3
     c.train.batch_size = 32
     c.eval.size = 512
     c.eval.batch = 256
@@ -47,16 +48,19 @@ def get_config(arg: str = ""):
       c.checkpoint.resume_every = 800
       c.grid = ("seeds.init=0,1",)
     elif arg == "cpu":
-      c.train.num_sequences = 400_000
-      c.train.eval_every = 8_000
-      c.checkpoint.every = 40_000
-      c.checkpoint.log_num = 10
-      c.checkpoint.resume_every = 100_000
+      c.model.num_heads = 4
+      c.model.d_model = 32
+      c.train.num_sequences = 128_000
+      c.train.eval_every = 3_200
+      c.eval.size = 256
+      c.checkpoint.every = 16_000
+      c.checkpoint.log_num = 8
+      c.checkpoint.resume_every = 32_000
       c.grid = ("seeds.init=0,1",) + GRID
     elif arg == "":
-      c.train.num_sequences = 1_000_000
-      c.train.eval_every = 10_000
-      c.checkpoint.every = 50_000
+      c.train.num_sequences = 500_000
+      c.train.eval_every = 5_000
+      c.checkpoint.every = 25_000
       c.checkpoint.log_num = 20
       c.grid = ("seeds.init=0,1,2,3",) + GRID
     else:

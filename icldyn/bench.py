@@ -34,6 +34,28 @@ def paper_config(n_runs: int, batch: int, clamped: bool = False):
   return c
 
 
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
+
+def token_config(n_runs: int, batch: int):
+  """The token task's model and data of `experiments/repeat_tokens.py:cpu` (2 layers, 4
+  heads, d_model 32, 64 tokens, V 64, segment 16), `n_runs` seeds."""
+  from icldyn.config import load_config
+  c = load_config(os.path.join(EXPERIMENTS, "repeat_tokens.py") + ":cpu")
+  with c.unlocked():
+    c.train.batch_size = batch
+    c.tokens.vocab_size = 64
+    c.tokens.segment_len = 16
+    c.grid = (f"seeds.init={','.join(map(str, range(n_runs)))}",)
+  return c
+
+
+def bench_config(task: str, n_runs: int, batch: int, clamped: bool = False):
+  """The benchmarked config of a task ('fewshot': the paper model; 'tokens')."""
+  return token_config(n_runs, batch) if task == "tokens" else paper_config(n_runs, batch, clamped)
+
+
 def matmul_gflops(n: int = 1024, reps: int = 10, trials: int = 5) -> float:
   """Measured float32 matrix-multiply throughput of this machine (GFLOP/s).
 
@@ -62,11 +84,12 @@ def sharded_group(cfg):
   return group_lib.Placed(build.prepare(cfg).groups[0])
 
 
-def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False) -> dict:
-  """Times the grid chunk of the paper model for `n_runs` runs (this process)."""
+def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False,
+              task: str = "fewshot") -> dict:
+  """Times the grid chunk of a task's benchmark model for `n_runs` runs (this process)."""
   import jax
   from icldyn import train as train_lib
-  cfg = paper_config(n_runs, batch, clamped)
+  cfg = bench_config(task, n_runs, batch, clamped)
   with cfg.unlocked():
     cfg.train.scan_steps = 100
   placed = sharded_group(cfg)
@@ -139,11 +162,11 @@ def bench_end_to_end(n_runs: int, sequences: int, batch: int) -> dict:
           "seconds": seconds}
 
 
-def bench_loop(steps: int, batch: int) -> float:
+def bench_loop(steps: int, batch: int, task: str = "fewshot") -> float:
   """One run, one jitted step per Python iteration (the icl-dynamics way): steps/s."""
   import jax
   from icldyn import build, train as train_lib
-  pg = build.prepare(paper_config(1, batch)).groups[0]
+  pg = build.prepare(bench_config(task, 1, batch)).groups[0]
   props = jax.tree.map(lambda x: jax.numpy.asarray(x[0]), pg.props)
   table = jax.tree.map(jax.numpy.asarray, pg.table)
   step = jax.jit(lambda st, t: train_lib.train_step(pg.static, table, st, props, t)[0])
@@ -160,12 +183,13 @@ def bench_loop(steps: int, batch: int) -> float:
 def _child(args) -> None:
   import jax
   if args.one == 0:
-    out = {"loop_steps_per_s": bench_loop(args.steps, args.batch),
-           "matmul_gflops": matmul_gflops()}
+    out = {"loop_steps_per_s": bench_loop(args.steps, args.batch, args.task)}
+    if args.task == "fewshot":
+      out["matmul_gflops"] = matmul_gflops()
   elif args.e2e_child:
     out = bench_end_to_end(args.one, args.end_to_end, args.batch)
   else:
-    out = bench_one(args.one, args.steps, args.batch, args.clamped)
+    out = bench_one(args.one, args.steps, args.batch, args.clamped, args.task)
   out.setdefault("devices", len(jax.devices()))
   print("BENCH " + json.dumps(out))
 
@@ -188,8 +212,9 @@ def _row(label: str, r: dict, loop: float, peak: float) -> str:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--sizes", default="1,8,64,64c,256",
-                 help="grid sizes; a trailing 'c' mixes 8 keep_head clamp settings")
+  p.add_argument("--sizes", default="1,8,64,64c,256,64t",
+                 help="grid sizes; a trailing 'c' mixes 8 keep_head clamp settings, a "
+                      "trailing 't' is the token task (experiments/repeat_tokens.py:cpu model)")
   p.add_argument("--batches", default="8,16,64,128",
                  help="batch sizes (besides --batch) timed at 64 runs; '' for none")
   p.add_argument("--steps", type=int, default=300, help="timed steps per grid size")
@@ -198,6 +223,7 @@ def main(argv=None) -> None:
                  help="sequences of the end-to-end 64-run training (0: skip)")
   p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--clamped", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--task", default="fewshot", help=argparse.SUPPRESS)
   p.add_argument("--e2e-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--skip-analysis", action="store_true")
   args = p.parse_args(argv)
@@ -224,12 +250,21 @@ def main(argv=None) -> None:
   # 64c: 64 runs mixing 8 keep_head clamp settings in one program. A grid
   # without clamps compiles the unclamped program itself (no clamp sites), so
   # an unused clamp site costs nothing by construction.
+  token_loop = None
   for size in args.sizes.split(","):
-    clamped = size.endswith("c")
-    n = int(size.rstrip("c"))
-    r = _run_child(["--one", str(n), "--steps", str(args.steps), "--batch", str(args.batch)]
-                   + (["--clamped"] if clamped else []), env)
-    print(_row(size, r, loop, peak), flush=True)
+    clamped, tokens = size.endswith("c"), size.endswith("t")
+    n = int(size.rstrip("ct"))
+    flags = ["--one", str(n), "--steps", str(args.steps), "--batch", str(args.batch)]
+    if tokens and token_loop is None:
+      # The token model's own one-run loop, in this invocation, for its ratio.
+      token_loop = _run_child(["--one", "0", "--task", "tokens"] + flags[2:],
+                              one_env)["loop_steps_per_s"]
+    r = _run_child(flags + (["--clamped"] if clamped else [])
+                   + (["--task", "tokens"] if tokens else []), env)
+    print(_row(size, r, token_loop if tokens else loop, peak), flush=True)
+  if token_loop is not None:
+    print(f"  {'t':>7}: the token task (2 layers, 4 heads, d_model 32, 64 tokens, V 64, "
+          f"segment 16); its x loop is against its own loop, {token_loop:.1f} steps/s", flush=True)
   for b in [int(x) for x in args.batches.split(",") if x.strip()]:
     # Run-steps of a different batch size are a different amount of work:
     # the ratio to the loop is against the loop at batch 32.

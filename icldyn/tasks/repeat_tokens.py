@@ -21,7 +21,7 @@ Evaluators: `tok_train` (the training distribution) and `tok_repeat` (the
 same, every sequence holding a repeat). Metrics (docs/interfaces.md):
 `loss`, `acc` over every predicted token; `loss_repeated`, `acc_repeated`
 over the predictable tokens of copies (a position whose token and next
-token both lie in a copy); `loss_other` over the rest; `icl_score`, Olsson
+token both lie in the same copy); `loss_other` over the rest; `icl_score`, Olsson
 et al.'s in-context learning score (their loss at token 500 minus loss at
 token 50 of 512), with positions scaled to T: the mean loss of predicting
 token round(500/512 (T-1)) minus that of token round(50/512 (T-1)) (tokens
@@ -61,8 +61,8 @@ class TokenBatch(NamedTuple):
   Attributes:
     tokens: [B, T] int32, BOS first.
     repeated: [B, T] bool, read-out positions whose prediction a perfect
-      induction head gets right: the position and the next one both lie in a
-      copy of the segment (not the original).
+      induction head gets right: the position and the next one both lie in
+      the same copy of the segment (not the original).
   """
   tokens: jax.Array
   repeated: jax.Array
@@ -126,15 +126,18 @@ def sample_sequence(key: jax.Array, props: TokenProps, spec: TokenSpec) -> Token
   starts = offsets + jnp.arange(k + 1) * length  # body coordinates
   pos = jnp.arange(n)
   source = pos
-  in_copy = jnp.zeros((n,), bool)
+  copy = jnp.zeros((n,), jnp.int32)  # which copy a body position lies in (0: none)
   for c in range(1, k + 1):
     inside = has & (pos >= starts[c]) & (pos < starts[c] + length)
     source = jnp.where(inside, starts[0] + pos - starts[c], source)
-    in_copy = in_copy | inside
+    copy = jnp.where(inside, c, copy)
   tokens = jnp.concatenate([jnp.full((1,), BOS, jnp.int32), body[source].astype(jnp.int32)])
-  # Sequence coordinates: body position i is token i + 1. Read-out p predicts token p + 1.
-  copy_tok = jnp.concatenate([jnp.zeros((1,), bool), in_copy])  # [T]
-  repeated = copy_tok & jnp.concatenate([copy_tok[1:], jnp.zeros((1,), bool)])
+  # Sequence coordinates: body position i is token i + 1. Read-out p predicts
+  # token p + 1, which induction gets right when p and p + 1 lie in the same copy
+  # (two copies can touch: the last token of one does not predict the next's first).
+  copy = jnp.concatenate([jnp.zeros((1,), jnp.int32), copy])  # [T]
+  nxt = jnp.concatenate([copy[1:], jnp.zeros((1,), jnp.int32)])
+  repeated = (copy > 0) & (copy == nxt)
   return TokenBatch(tokens=tokens, repeated=repeated)
 
 
