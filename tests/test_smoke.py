@@ -56,3 +56,29 @@ def test_analyze_and_plot(smoke_dir):
   assert out.returncode == 0, out.stderr[-2000:]
   assert (wd / "report.md").exists()
   assert any(p.suffix == ".png" for p in (wd / "plots").iterdir())
+
+
+def test_token_task_smoke_train_analyze_plot(tmp_path):
+  """The token task's smoke study through every command: the workdir's outputs,
+  its metrics, the analysis tables and the figures (docs/tasks.md)."""
+  wd = tmp_path / "tok"
+  out = _icldyn("train", "--config", "experiments/repeat_tokens.py:smoke", "--workdir", str(wd),
+                "--quiet")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in ("config.json", "runs.csv", "metrics.csv", "checkpoints/g0/stream",
+               "checkpoints/g0/resume", "tb/run_0"):
+    assert (wd / name).exists(), name
+  rows = list(csv.DictReader(open(wd / "metrics.csv")))
+  names = {(r["evaluator"], r["metric"]) for r in rows}
+  assert {("tok_train", m) for m in ("loss", "loss_repeated", "icl_score", "prefix_matching.h0",
+                                     "prev_token.h3")} <= names
+  out = _icldyn("analyze", "--workdir", str(wd), "--quiet")
+  assert out.returncode == 0, out.stderr[-2000:]
+  curves = {r["curve"] for r in csv.DictReader(open(wd / "analysis" / "phase_changes.csv"))}
+  assert "tok_train/loss_repeated" in curves
+  progress = {r["measure"] for r in csv.DictReader(open(wd / "analysis" / "progress.csv"))}
+  assert {"ov_copying", "k_composition"} <= progress
+  out = _icldyn("plot", "--workdir", str(wd))
+  assert out.returncode == 0, out.stderr[-2000:]
+  pngs = {p.name for p in (wd / "plots").iterdir()}
+  assert {"phase_curves.png", "progress_heads.png", "attention_patterns.png"} <= pngs

@@ -75,6 +75,13 @@ def _label_rows_or_none(spec) -> np.ndarray:
   return _rows(lay.label_positions or (), spec.seq_len)
 
 
+def _induction_row_claims(spec, layer: int, heads) -> dict[str, np.ndarray]:
+  """Claims of a clamp that writes the heads' attention at every possible induction row."""
+  c = empty_claims(spec)
+  c["attention"][layer][np.ix_(list(heads), list(layout_of(spec).induction_rows))] = True
+  return c
+
+
 def _needs(spec, what: str, clamp: str) -> None:
   """Refuses a clamp whose task's layout lacks `what` (one line naming both)."""
   lay = layout_of(spec)
@@ -317,6 +324,7 @@ class AblateHeads(ClampSpec):
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads)
 
+
 @dataclasses.dataclass(frozen=True)
 class _AblateSlot(Slot):
   layer: int
@@ -369,6 +377,7 @@ class PrevTokenPattern(ClampSpec):
     _set_heads(p[self.slots()[0].key], self.heads, strength=self.strength,
                only_labels=self.only_labels)
 
+
 @dataclasses.dataclass(frozen=True)
 class _PrevTokenSlot(Slot):
   layer: int
@@ -397,15 +406,17 @@ class _PrevTokenSlot(Slot):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InductionPattern(ClampSpec):
-  """Fixes heads' attention at the query to the perfect induction pattern.
+  """Fixes heads' attention at the task's induction rows to the perfect induction pattern.
 
-  The query attends with total weight s to the label tokens that follow an
-  exemplar of the query's class and spreads 1 - s evenly over the other label
-  tokens; exemplar tokens get 0. With two pairs (one of the query's class)
-  this is the paper's clamp, whose induction strength is 2s - 1. If every
-  context exemplar is of the query's class they share all the weight; if none
-  is, the query attends uniformly to the label tokens. Works for any context
-  length; only the query's row is clamped.
+  Few-shot: the query attends with total weight s to the label tokens that
+  follow an exemplar of the query's class and spreads 1 - s evenly over the
+  other label tokens; exemplar tokens get 0. With two pairs (one of the
+  query's class) this is the paper's clamp, whose induction strength is
+  2s - 1. If every context exemplar is of the query's class they share all
+  the weight; if none is, the query attends uniformly to the label tokens.
+  Works for any context length; only the query's row is clamped. In general
+  (`Targets`): weight s on the row's induction targets, 1 - s over the rest
+  of its support, uniform over the support when it has no target.
 
   Attributes:
     layer, heads: the heads (heads=None: all heads of the layer).
@@ -417,16 +428,14 @@ class InductionPattern(ClampSpec):
   strength: float = 1.0
 
   def claims(self, spec):
-    c = empty_claims(spec)
-    rows = list(layout_of(spec).induction_rows)
-    c["attention"][self.layer][np.ix_(list(self.heads), rows)] = True
-    return c
+    return _induction_row_claims(spec, self.layer, self.heads)
 
   def slots(self):
     return (_InductionSlot(layer=self.layer),)
 
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads, strength=self.strength)
+
 
 @dataclasses.dataclass(frozen=True)
 class _InductionSlot(Slot):
@@ -488,6 +497,7 @@ class DisallowPrevToken(ClampSpec):
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads, only_labels=self.only_labels)
 
+
 @dataclasses.dataclass(frozen=True)
 class _DisallowSlot(Slot):
   layer: int
@@ -511,13 +521,14 @@ class _DisallowSlot(Slot):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatchPattern(ClampSpec):
-  """Fixes heads' attention at the query by exemplar similarity ("match heads").
+  """Fixes heads' attention at the task's induction rows by similarity ("match heads").
 
-  The query attends to the label token after each context exemplar with
-  weight softmax_i(cos(x_i, x_q) / temperature) over the context exemplars
-  (temperature 0: a hard max, ties shared); exemplar tokens get 0. This is
-  W_K^T W_Q = I / temperature on the raw exemplars, ignoring positions.
-  Works for any context length; only the query's row is clamped.
+  Few-shot: the query attends to the label token after each context exemplar
+  with weight softmax_i(cos(x_i, x_q) / temperature) over the context
+  exemplars (temperature 0: a hard max, ties shared); exemplar tokens get 0.
+  This is W_K^T W_Q = I / temperature on the raw exemplars, ignoring
+  positions. Works for any context length; only the query's row is clamped.
+  In general: a softmax of the task's `match_sim` over the row's support.
 
   Attributes:
     layer, heads: the heads (heads=None: all heads of the layer).
@@ -534,16 +545,14 @@ class MatchPattern(ClampSpec):
     return super().resolve(spec, load_donor)
 
   def claims(self, spec):
-    c = empty_claims(spec)
-    rows = list(layout_of(spec).induction_rows)
-    c["attention"][self.layer][np.ix_(list(self.heads), rows)] = True
-    return c
+    return _induction_row_claims(spec, self.layer, self.heads)
 
   def slots(self):
     return (_MatchSlot(layer=self.layer),)
 
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads, temperature=self.temperature)
+
 
 @dataclasses.dataclass(frozen=True)
 class _MatchSlot(Slot):
@@ -601,6 +610,7 @@ class HeadTemperature(ClampSpec):
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads, temperature=self.temperature)
 
+
 @dataclasses.dataclass(frozen=True)
 class _TemperatureSlot(Slot):
   layer: int
@@ -621,7 +631,7 @@ class _TemperatureSlot(Slot):
 class SilenceNonLabel(ClampSpec):
   """Lets heads attend only to label tokens at the query (scores of exemplar
   tokens, the query included, are -inf). The paper's version is for the last
-  layer, the default.
+  layer, the default. Needs a task with label tokens (`Layout.label_positions`).
 
   Attributes:
     heads: the heads (None: all heads of the layer).
@@ -645,6 +655,7 @@ class SilenceNonLabel(ClampSpec):
 
   def fill(self, p, spec, claimed):
     _set_heads(p[self.slots()[0].key], self.heads)
+
 
 @dataclasses.dataclass(frozen=True)
 class _SilenceSlot(Slot):
@@ -677,7 +688,10 @@ class CopyFromHead(ClampSpec):
   log-sum-exp of their scores if several tokens hold y, so that the output
   distribution is the head's attention restricted to label tokens); labels not
   in the context get -inf. The scores are those of this same forward pass,
-  after every other clamp. Only the query's logits change.
+  after every other clamp. Only the query's logits change. In general
+  (`Targets`): at the read-out positions that are induction rows, the logit
+  of output y is the log-sum-exp of the scores to the supported keys holding
+  y (tokens: each earlier token copies itself).
 
   Attributes:
     head: the head.
@@ -699,6 +713,7 @@ class CopyFromHead(ClampSpec):
     q = p[self.slots()[0].key]
     q["active"][...] = True
     q["head"][...] = self.head
+
 
 @dataclasses.dataclass(frozen=True)
 class _CopySlot(Slot):
@@ -808,6 +823,7 @@ class Preserve(ClampSpec):
         m &= ~claimed["value"]
       p[f"preserve/{w}"]["mask"] |= m
 
+
 @dataclasses.dataclass(frozen=True)
 class _PreserveSlot(Slot):
   site: str
@@ -873,6 +889,7 @@ class Layer1Clamp(ClampSpec):
 
   def fill(self, p, spec, claimed):
     p["layer1"]["active"][...] = True
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layer1Slot(Slot):
@@ -951,6 +968,7 @@ class GraftIn(ClampSpec):
     q["active"][...] = True
     q["params"] = jax.tree.map(lambda x: np.asarray(x, np.float32), self.params)
 
+
 @dataclasses.dataclass(frozen=True)
 class _GraftInSlot(Slot):
   layer: int
@@ -986,6 +1004,7 @@ class GraftOut(GraftIn):
 
   def slots(self):
     return (_GraftOutSlot(layer=self.layer),)
+
 
 @dataclasses.dataclass(frozen=True)
 class _GraftOutSlot(_GraftInSlot):
