@@ -173,3 +173,55 @@ def test_mixture_picks_per_sequence():
   frac = float(np.mean(np.asarray(m.labels[:, 0])))
   assert np.all(np.asarray(m.inputs[:, 0, 0]) == np.asarray(m.labels[:, 0]))
   assert abs(frac - 0.75) < 0.055  # Binomial(1000, .75): std .0137; 4 sigma
+
+
+def _exemplar_index(batch, table, num_exemplars):
+  """Which exemplar (of the class's row in the table) each input is: [B, C+1]."""
+  x = np.asarray(table.x)[np.asarray(batch.classes)]  # [B, C+1, E, D]
+  match = np.all(x[:, :, :num_exemplars] == np.asarray(batch.inputs)[:, :, None], axis=-1)
+  assert np.all(match.sum(-1) == 1)  # every input is exactly one exemplar of its class
+  return np.argmax(match, axis=-1)
+
+
+def test_test_class_exemplars_train_is_the_reference_evaluator():
+  # data.test_class_exemplars='train' (the default): fsl_test_class draws from the
+  # training exemplar split, exemplar 0, as the reference code ran it, so in a
+  # bursty sequence the query is the very vector that sits in the context.
+  cfg = tiny_config()
+  assert cfg.data.test_class_exemplars == "train" and cfg.data.burstiness == 1
+  b, table = _sample(cfg, "fsl_test_class", n=500)
+  assert np.all(b.classes >= cfg.data.num_train_classes)  # held-out classes
+  ex = _exemplar_index(b, table, cfg.data.num_exemplars)
+  assert np.all(ex == 0)
+  same = b.classes[:, :-1] == b.classes[:, -1:]
+  q = np.asarray(b.inputs)[:, -1]
+  ctx = np.asarray(b.inputs)[:, :-1]
+  assert np.all(np.all(ctx[same] == np.repeat(q, same.sum(1), axis=0), axis=-1))
+
+
+def test_test_class_exemplars_all_draws_every_exemplar():
+  # 'all': each slot's exemplar is uniform over the 5 exemplars. Over N slots the
+  # count of exemplar e is Binomial(N, 1/5); 5 standard errors bound the share.
+  cfg = tiny_config(data__test_class_exemplars="all")
+  n = 2000
+  b, table = _sample(cfg, "fsl_test_class", n=n)
+  ex = _exemplar_index(b, table, cfg.data.num_exemplars).ravel()
+  se = math.sqrt(0.2 * 0.8 / ex.size)
+  for e in range(cfg.data.num_exemplars):
+    assert abs(np.mean(ex == e) - 0.2) < 5 * se, (e, np.mean(ex == e))
+  # The query equals its context exemplar only when both drew the same one: p = 1/5.
+  same_class = b.classes[:, 0] == b.classes[:, -1]
+  exq = _exemplar_index(b, table, cfg.data.num_exemplars)
+  hit = np.mean(exq[same_class, 0] == exq[same_class, -1])
+  se = math.sqrt(0.2 * 0.8 / same_class.sum())
+  assert abs(hit - 0.2) < 5 * se, hit
+
+
+def test_test_class_exemplars_leave_fsl_train_unchanged():
+  # The field only changes what fsl_test_class evaluates: every other sampler's
+  # sequences are bitwise the same under either value.
+  for name in ("train", "fsl_train", "fsl_val_rl", "fsl_train_valex"):
+    a, _ = _sample(tiny_config(), name, n=64)
+    b, _ = _sample(tiny_config(data__test_class_exemplars="all"), name, n=64)
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+    np.testing.assert_array_equal(a.labels, b.labels)

@@ -322,7 +322,8 @@ def seq_spec(cfg, evaluator: str, capacity_classes: int, noise: bool,
       "fsl_train": ("train", train_ex, "train"),
       "fsl_val_rl": ("train", train_ex, "heldout"),
       "fsl_train_valex": ("train", (d.num_train_exemplars, d.num_exemplars), "train"),
-      "fsl_test_class": ("test", (0, d.num_exemplars), "train"),
+      "fsl_test_class": ("test", train_ex if d.test_class_exemplars == "train"
+                         else (0, d.num_exemplars), "train"),
   }
   classes, exemplars, pairs = specs[evaluator]
   spec = SeqSpec(context_len=d.context_len, rest=d.rest, relabel=d.relabel,
@@ -716,6 +717,7 @@ def _num_layers(acts: dict) -> int:
 
 
 REST_MODES = ("distractor", "iid", "unique")
+TEST_CLASS_EXEMPLARS = ("train", "all")
 DATA_SOURCES = ("gaussian", "file")
 
 
@@ -776,6 +778,10 @@ class FewShot(base.Task):
     d.noise = 0.0  # per-token Gaussian input noise, std noise/sqrt(D) per coordinate
     d.relabel = True  # per-sequence relabelling (few-shot); False: label = class mod num_labels
     d.label_holdout = 0.2  # share of label pairs held out for fsl_val_rl (paper: 2 of 10)
+    # Exemplars fsl_test_class draws from its held-out classes: 'train' = the
+    # training exemplar split, as the reference code ran it (its query is then
+    # the very vector in the context; docs/fidelity.md); 'all' = every exemplar.
+    d.test_class_exemplars = "train"
     return d
 
   def validate(self, cfg) -> None:
@@ -796,6 +802,8 @@ class FewShot(base.Task):
              f"must be in [0, data.context_len={d.context_len}], got {d.burstiness}")
     _require(d.rest in REST_MODES, "data.rest",
              f"must be one of {REST_MODES}, got {d.rest!r}")
+    _require(d.test_class_exemplars in TEST_CLASS_EXEMPLARS, "data.test_class_exemplars",
+             f"must be one of {TEST_CLASS_EXEMPLARS}, got {d.test_class_exemplars!r}")
     _require(d.num_train_classes >= 1, "data.num_train_classes", "must be >= 1")
     _require(d.num_test_classes >= 0, "data.num_test_classes", "must be >= 0")
     _require(1 <= d.num_train_exemplars <= d.num_exemplars, "data.num_train_exemplars",
