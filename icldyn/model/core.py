@@ -11,9 +11,12 @@ activations (`icldyn.model.clamp`).
 
 Model details follow the code of Singh et al. 2024 (arXiv 2404.07129), since
 phase-change timing depends on them: pre-LayerNorm blocks and a final
-LayerNorm; no bias on q/k/v and on the output projection; bias on the
-unembedding; scores scaled by 1/sqrt(d_head); RoPE (base 10000) on q and k
-over each head's dimensions; LeCun-normal weights and zero biases.
+LayerNorm; bias on the unembedding; scores scaled by 1/sqrt(d_head); RoPE
+(base 10000) on q and k over each head's dimensions; LeCun-normal weights and
+zero biases. One known difference (docs/fidelity.md): the q/k/v and output
+projections have no bias, as in the reference's 2025 code, while the code
+that produced the paper's figures had zero-initialised, trained biases there;
+LayerNorm's epsilon is flax's 1e-6 (the reference's equinox: 1e-5).
 
 Unembedding columns are drawn per output from `fold_in(key, output)` (same
 distribution as a whole-matrix draw), so that a run with K outputs padded to
