@@ -5,13 +5,15 @@ Command:
 
 What it runs: a 2-layer attention-only transformer (RoPE, LayerNorm)
 predicting the next token of 64-token sequences (BOS + 63) in which a random
-segment repeats once (`task.name=repeat_tokens`,
-icldyn/tasks/repeat_tokens.py), Adam at lr 3e-3, batch 32. One grid, one
-compiled program: seeds x vocabulary size x segment length, and the first
-layer's head 0 clamped to a perfect previous-token pattern
+segment appears four times, at random non-overlapping places
+(`task.name=repeat_tokens`, icldyn/tasks/repeat_tokens.py; the copies'
+offsets vary over tens of positions, so no fixed-offset head can predict
+them and only an induction head can), Adam at lr 3e-3, batch 32. One grid,
+one compiled program: seeds x vocabulary size x segment length, and the
+first layer's head 0 clamped to a perfect previous-token pattern
 (`clamp.condition=prev_token`) against no clamp. `cpu`: 4 heads, d_model 32,
-2 seeds x V in {32, 64} x segment in {16, 24} x 2 conditions (16 runs),
-1.28e5 sequences each; the full variant: 8 heads, d_model 64, 4 seeds, 5e5
+2 seeds x V in {32, 64} x segment in {10, 14} x 2 conditions (16 runs),
+9.6e4 sequences each; the full variant: 8 heads, d_model 64, 4 seeds, 3e5
 sequences; `smoke`: seconds.
 
 What to look for: the loss on repeated tokens (`tok_train/loss_repeated`)
@@ -22,7 +24,7 @@ induction head (`prefix_matching.h*`).
 
 from icldyn.config import base_config
 
-GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=16,24", "clamp.condition=none,prev_token")
+GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=10,14", "clamp.condition=none,prev_token")
 
 
 def get_config(arg: str = ""):
@@ -39,7 +41,7 @@ def get_config(arg: str = ""):
       c.model.d_model = 32
       c.tokens.seq_len = 32
       c.tokens.vocab_size = 16
-      c.tokens.segment_len = 6
+      c.tokens.segment_len = 5
       c.train.num_sequences = 1600
       c.train.eval_every = 800
       c.eval.size = 32
@@ -50,15 +52,15 @@ def get_config(arg: str = ""):
     elif arg == "cpu":
       c.model.num_heads = 4
       c.model.d_model = 32
-      c.train.num_sequences = 128_000
+      c.train.num_sequences = 96_000
       c.train.eval_every = 3_200
       c.eval.size = 256
-      c.checkpoint.every = 16_000
+      c.checkpoint.every = 8_000
       c.checkpoint.log_num = 8
       c.checkpoint.resume_every = 32_000
       c.grid = ("seeds.init=0,1",) + GRID
     elif arg == "":
-      c.train.num_sequences = 500_000
+      c.train.num_sequences = 300_000
       c.train.eval_every = 5_000
       c.checkpoint.every = 25_000
       c.checkpoint.log_num = 20

@@ -110,7 +110,14 @@ def _fmt(value: Any) -> str:
 
 
 def _label(settings: Mapping[str, Any], runs: Sequence[int]) -> str:
-  """Legend text for a group of runs that share `settings`."""
+  """Legend text for a group of runs that share `settings`.
+
+  runs.csv's `clamps` column describes the `clamp.*` settings again
+  (`keep_head(3)` for `clamp.keep_head=3`), so it is left out when one of
+  them is shown: each setting is said once.
+  """
+  shown = any(k.startswith('clamp.') for k in settings)
+  settings = {k: v for k, v in settings.items() if not (shown and k == 'clamps')}
   if settings:
     text = ', '.join(f'{_short(k)}={_fmt(v)}' for k, v in settings.items())
   else:

@@ -366,8 +366,8 @@ class RepeatTokens(base.Task):
     t = ml_collections.ConfigDict()
     t.seq_len = 64  # T tokens, the BOS token included
     t.vocab_size = 64  # V tokens (ids 1..V; 0 is BOS)
-    t.segment_len = 8  # tokens in the repeated segment
-    t.num_repeats = 1  # copies after the original
+    t.segment_len = 12  # tokens in the repeated segment
+    t.num_repeats = 3  # copies after the original (three copies: a quarter of the tokens)
     t.placement = "random"  # random: copies anywhere after the original (no overlap); adjacent
     t.repeat_prob = 1.0  # share of sequences holding a repeat
     t.zipf_alpha = 0.0  # token frequencies p(k) ~ k^-alpha, k = 1..V (0: uniform)
