@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -238,17 +239,32 @@ class WorkdirData:
   @property
   def task(self) -> dict[str, Any]:
     """The task's facts of config.json (`icldyn.tasks.base.Task.facts`): name,
-    headline, evaluators, induction_metric, data_axes, references. A workdir
-    written before they were recorded gives what can be read from its tables:
-    no references, the headline from the first timed curve."""
+    headline, evaluators, induction_metric, data_axes, references.
+
+    A workdir written before they were recorded gives what its tables tell:
+    the headline is the first timed curve (else the first evaluator's loss),
+    the induction metric the per-head metric that is not `prev_token`, the
+    data axes every numeric per-run setting but seeds, optimizer and clamp
+    settings, and no reference lines.
+    """
     facts = dict((self.config or {}).get('task') or {})
+    metrics = self.metrics if self.metrics is not None and 'metric' in self.metrics else None
     if 'headline' not in facts:
       curves = (list(self.phase_changes.unique('curve'))
                 if self.phase_changes is not None and 'curve' in self.phase_changes else [])
-      facts['headline'] = curves[0] if curves else ''
+      evals = [e for e in (metrics.unique('evaluator') if metrics is not None else [])
+               if e != 'train']
+      facts['headline'] = curves[0] if curves else (f'{evals[0]}/loss' if evals else '')
+    if 'induction_metric' not in facts:
+      heads = {str(m).rsplit('.h', 1)[0] for m in (metrics.unique('metric') if metrics is not None
+                                                  else []) if re.fullmatch(r'.+\.h\d+', str(m))}
+      heads.discard('prev_token')
+      facts['induction_metric'] = sorted(heads)[0] if heads else 'induction_strength'
+    if 'data_axes' not in facts:
+      skip = SEED_COLUMNS + ('clamps',)
+      facts['data_axes'] = [n for n in self.setting_names() if n not in skip
+                            and not n.startswith(('train.', 'clamp.'))]
     facts.setdefault('evaluators', [])
-    facts.setdefault('induction_metric', 'induction_strength')
-    facts.setdefault('data_axes', [])
     facts.setdefault('references', {})
     return facts
 

@@ -22,6 +22,7 @@ import pytest
 from icldyn import plots
 from icldyn import report
 from icldyn import results
+from icldyn.tasks import fewshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -49,7 +50,8 @@ def _onset(settings: dict) -> float:
 
 def write_workdir(path: pathlib.Path, settings: list[dict], *,
                   analysis: bool = True,
-                  evaluators: tuple[str, ...] | None = None) -> pathlib.Path:
+                  evaluators: tuple[str, ...] | None = None,
+                  facts: bool = True) -> pathlib.Path:
   """Writes a synthetic workdir with one run per entry of `settings`.
 
   Args:
@@ -57,10 +59,15 @@ def write_workdir(path: pathlib.Path, settings: list[dict], *,
     settings: per-run settings (dotted names), one dict per run.
     analysis: whether to write analysis/ (progress, phase changes, summary).
     evaluators: log only these evaluators; all by default.
+    facts: write the few-shot task's facts into config.json, as `icldyn
+      train` does (False: a workdir from before they were recorded).
   """
   path.mkdir(parents=True, exist_ok=True)
   names = list(settings[0])
-  (path / 'config.json').write_text(json.dumps({'grid': names}))
+  config = {'grid': names}
+  if facts:
+    config['task'] = fewshot.TASK.facts()
+  (path / 'config.json').write_text(json.dumps(config))
   _write_csv(path / 'runs.csv',
              ['run', 'group', 'group_index'] + names + ['status',
                                                         'diverged_step'],
@@ -416,3 +423,24 @@ def test_never_imports_jax():
           'assert not bad, bad')
   subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
                  timeout=60)
+
+
+def test_workdir_without_task_facts_reads_them_from_its_tables(tmp_path):
+  # A workdir from before config.json recorded the task's facts: the headline
+  # is its first timed curve, the induction metric the per-head metric that is
+  # not prev_token, the data axes its varying data settings; no reference lines.
+  settings = [{'data.num_train_classes': k, **_seeds(i)} for k, i in
+              itertools.product((64, 256), (0, 1))]
+  old = results.load_workdir(write_workdir(tmp_path / 'old', settings, facts=False))
+  task = old.task
+  assert task['headline'] == 'fsl_train/loss'
+  assert task['induction_metric'] == 'induction_strength'
+  assert task['data_axes'] == ['data.num_train_classes']
+  assert task['references'] == {}
+  fig = plots.progress_heads_figure(old)
+  assert fig is not None and len(fig.axes) >= 2
+  fig = plots.timing_vs_data_figure(old)
+  assert fig is not None
+  assert fig.axes[0].get_xlabel().endswith('num_train_classes')
+  fig = plots.phase_curves_figure(old)
+  assert not [l for ax in fig.axes for l in ax.lines if l.get_gid() == 'ref']

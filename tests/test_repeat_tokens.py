@@ -651,6 +651,7 @@ def token_config(**fields):
   c = config_lib.base_config()
   values = {"task.name": "repeat_tokens", "model.num_heads": 2, "model.d_model": 16,
             "tokens.seq_len": 12, "tokens.vocab_size": 6, "tokens.segment_len": 3,
+            "tokens.num_repeats": 1,
             "train.num_sequences": 64, "train.batch_size": 8, "train.learning_rate": 1e-3,
             "train.eval_every": 64, "eval.size": 16, "eval.batch": 16,
             "checkpoint.every": 64, "checkpoint.resume_every": 0}
