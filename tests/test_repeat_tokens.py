@@ -513,7 +513,10 @@ def attn(acts, layer, name="pattern"):
 
 
 def test_unclamped_run_and_ablation(out, plain):
-  np.testing.assert_allclose(out["none"][0], plain(PARAMS)[0], rtol=1e-6, atol=1e-6)
+  # The plan's vmapped program and the plain model are different programs:
+  # float32 rounding of logits up to ~3 in size differs by a few ulp of the
+  # largest terms (measured up to 1.9e-6 at XLA's optimisation level 0).
+  np.testing.assert_allclose(out["none"][0], plain(PARAMS)[0], rtol=1e-6, atol=1e-5)
   edited = jax.tree.map(np.copy, PARAMS)
   edited["layer_1"]["attn"]["w_o"][[0, 2]] = 0.0  # independent: remove the heads' output
   ref = plain(edited)[0]
