@@ -40,13 +40,13 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def token_config(n_runs: int, batch: int):
   """The token task's model and data of `experiments/repeat_tokens.py:cpu` (2 layers, 4
-  heads, d_model 32, 64 tokens, V 64, segment 16), `n_runs` seeds."""
+  heads, d_model 32, 64 tokens, V 64, segment 14), `n_runs` seeds."""
   from icldyn.config import load_config
   c = load_config(os.path.join(EXPERIMENTS, "repeat_tokens.py") + ":cpu")
   with c.unlocked():
     c.train.batch_size = batch
     c.tokens.vocab_size = 64
-    c.tokens.segment_len = 16
+    c.tokens.segment_len = 14
     c.grid = (f"seeds.init={','.join(map(str, range(n_runs)))}",)
   return c
 
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     print(_row(size, r, token_loop if tokens else loop, peak), flush=True)
   if token_loop is not None:
     print(f"  {'t':>7}: the token task (2 layers, 4 heads, d_model 32, 64 tokens, V 64, "
-          f"segment 16); its x loop is against its own loop, {token_loop:.1f} steps/s", flush=True)
+          f"segment 14, 4 copies); its x loop is against its own loop, {token_loop:.1f} steps/s", flush=True)
   for b in [int(x) for x in args.batches.split(",") if x.strip()]:
     # Run-steps of a different batch size are a different amount of work:
     # the ratio to the loop is against the loop at batch 32.
