@@ -6,6 +6,7 @@ within a CPU budget (see experiments/demo.py). `smoke`: seconds.
 """
 
 from icldyn.config import base_config
+from icldyn.errors import did_you_mean
 
 
 def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = "",
@@ -40,5 +41,6 @@ def study_config(variant: str, grid: tuple, seeds: int, eval_clamps: str = "",
       c.checkpoint.resume_every = 800
       c.grid = grid
     else:
-      raise ValueError(f"unknown variant {variant!r} (use '', 'cpu' or 'smoke')")
+      raise ValueError(f"unknown variant {variant!r}{did_you_mean(variant, ('cpu', 'smoke'))} "
+                       "(use '', 'cpu' or 'smoke')")
   return c

@@ -17,13 +17,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import study_config  # noqa: E402
+from icldyn.errors import did_you_mean  # noqa: E402
 
 
 def get_config(arg: str = ""):
   if arg == "smoke":
     return study_config("smoke", (), 1)
   if arg:
-    raise ValueError(f"unknown variant {arg!r} (use '' or 'smoke')")
+    raise ValueError(f"unknown variant {arg!r}{did_you_mean(arg, ('smoke',))} "
+                     "(use '' or 'smoke')")
   c = study_config("cpu", (), 4, cpu_seeds=4)
   with c.unlocked():
     c.checkpoint.log_num = 10  # dense early checkpoints as well as every 10k

@@ -28,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import study_config  # noqa: E402
+from icldyn.errors import did_you_mean  # noqa: E402
 
 # Fig. 4a: accuracy with only head h of layer 2 kept, and with each single head ablated.
 EVAL_CLAMPS = ",".join([f"keep_head_{h}" for h in range(8)] +
@@ -40,5 +41,6 @@ def get_config(arg: str = ""):
   if arg == "seeds":
     return study_config("", (), 5, EVAL_CLAMPS)
   if arg not in ("", "cpu"):
-    raise ValueError(f"unknown variant {arg!r} (use '', 'seeds', 'cpu' or 'smoke')")
+    raise ValueError(f"unknown variant {arg!r}{did_you_mean(arg, ('seeds', 'cpu', 'smoke'))} "
+                     "(use '', 'seeds', 'cpu' or 'smoke')")
   return study_config(arg, (), 1 if arg == "" else 4, EVAL_CLAMPS, cpu_seeds=4)

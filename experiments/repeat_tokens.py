@@ -23,6 +23,7 @@ induction head (`prefix_matching.h*`).
 """
 
 from icldyn.config import base_config
+from icldyn.errors import did_you_mean
 
 GRID = ("tokens.vocab_size=32,64", "tokens.segment_len=10,14", "clamp.condition=none,prev_token")
 
@@ -66,5 +67,6 @@ def get_config(arg: str = ""):
       c.checkpoint.log_num = 20
       c.grid = ("seeds.init=0,1,2,3",) + GRID
     else:
-      raise ValueError(f"unknown variant {arg!r} (use '', 'cpu' or 'smoke')")
+      raise ValueError(f"unknown variant {arg!r}{did_you_mean(arg, ('cpu', 'smoke'))} "
+                       "(use '', 'cpu' or 'smoke')")
   return c

@@ -52,23 +52,59 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
-def _parser() -> argparse.ArgumentParser:
+def _train_epilog() -> str:
+  """The config fields, for `icldyn train --help` (imports the config, so only then)."""
+  from icldyn import config as config_lib
+  cfg = config_lib.base_config()
+  fields = [f for f in config_lib.all_fields(cfg) if f != "grid"]
+  return ("config overrides (repeatable, any field; type-checked):\n"
+          "  --config.FIELD=VALUE  e.g. --config.train.learning_rate=1e-4 "
+          "--config.model.num_heads=4\n\n"
+          "grid axes: --grid FIELD=V1,V2 (product), --grid F1+F2=A1/B1,A2/B2 (zipped)\n\n"
+          "fields (README 'Config fields'; task.name selects the task, whose group is read):\n  "
+          + "\n  ".join(f"{f} = {config_lib.get_field(cfg, f)!r}" for f in fields))
+
+
+def _analyze_epilog() -> str:
+  """Measures and the curve grammar, for `icldyn analyze --help`."""
+  from icldyn.analysis import measures as measures_lib
+  return ("measures (--measures M1,M2 or 'all'; default: every one but 'clamped'):\n  "
+          + ", ".join(measures_lib.MEASURES) + "\n\n"
+          "curves (--curve, repeatable; default: the task's, e.g. fsl_train/loss and\n"
+          "fsl_train/induction_strength):\n"
+          "  EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]]   a metrics.csv curve (a metric name\n"
+          "      also times its per-head children: induction_strength = .h0, .h1, ...)\n"
+          "  progress/MEASURE[...]                       a progress.csv measure\n"
+          "  down: first crossing below LEVEL (loss default 0.4 ln 2, clipped at ln 2);\n"
+          "  up: above LEVEL (acc 0.8, others 0.5); CLIP: a number or 'none'")
+
+
+def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="icldyn", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
+  raw = argparse.RawDescriptionHelpFormatter
 
-  t = sub.add_parser("train", help="train a grid of runs into a workdir")
+  t = sub.add_parser("train", help="train a grid of runs into a workdir", formatter_class=raw,
+                     epilog=_train_epilog() if epilogs else None,
+                     usage="icldyn train --config STUDY.py[:VARIANT] --workdir DIR "
+                           "[--config.FIELD=VALUE ...] [--grid FIELD=V1,V2 ...] [--quiet] "
+                           "[--overwrite]")
   t.add_argument("--config", required=True, help="study file, e.g. experiments/ih_paper.py:smoke")
-  t.add_argument("--workdir", required=True)
+  t.add_argument("--workdir", required=True,
+                 help="output directory (created; the same command resumes it)")
   t.add_argument("--grid", action="append", default=[],
                  help="FIELD=V1,V2,... (repeat for a product); replaces the study's grid")
   t.add_argument("--quiet", action="store_true", help="no progress lines")
   t.add_argument("--overwrite", action="store_true",
                  help="replace a workdir that holds a different config")
 
-  a = sub.add_parser("analyze", help="progress measures and phase-change timing of a workdir")
-  a.add_argument("--workdir", required=True)
-  a.add_argument("--measures", default=None, help="comma-separated measures (default: all)")
-  a.add_argument("--curve", action="append", default=[], help="EVALUATOR/METRIC to time")
+  a = sub.add_parser("analyze", help="progress measures and phase-change timing of a workdir",
+                     formatter_class=raw, epilog=_analyze_epilog() if epilogs else None)
+  a.add_argument("--workdir", required=True, help="a workdir written by icldyn train")
+  a.add_argument("--measures", default=None,
+                 help="comma-separated measures (default: every one but 'clamped'; below)")
+  a.add_argument("--curve", action="append", default=[],
+                 help="EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]] to time (grammar below)")
   a.add_argument("--quiet", action="store_true")
 
   dn = sub.add_parser("densify", help="re-run around each transition, saving dense checkpoints")
@@ -89,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 
   pp = sub.add_parser("paper", help="every study of the paper, with analysis and plots")
   pp.add_argument("--outdir", default="runs/paper")
-  pp.add_argument("--variant", default="", choices=["", "cpu", "smoke"])
+  pp.add_argument("--variant", default="", choices=["", "cpu", "smoke"], metavar="{cpu,smoke}",
+                  help="the studies' variant; omitted: the paper's settings (hours)")
   pp.add_argument("--smoke", action="store_true", help="same as --variant smoke")
   pp.add_argument("--quiet", action="store_true")
 
@@ -144,8 +181,13 @@ def cmd_analyze(args) -> int:
 
 def cmd_plot(args) -> int:
   from icldyn import pipeline, plots, report
+  from icldyn.store import files
   if not os.path.isdir(args.workdir):
     raise ConfigError("--workdir", f"no such directory {args.workdir}")
+  for name in (files.CONFIG_JSON, files.RUNS_CSV):
+    if not os.path.isfile(os.path.join(args.workdir, name)):  # refuse before writing anything
+      raise ConfigError("--workdir", f"{args.workdir} has no {name}; is it an icldyn train "
+                        "workdir?")
   pipeline.attention_patterns(args.workdir)
   paths = plots.make_all(args.workdir, pdf=args.pdf)
   rep = report.write_report(args.workdir)
@@ -210,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, overrides = _split_overrides(argv)
-    args = _parser().parse_args(rest)
+    wants_help = bool(rest) and rest[0] in ("train", "analyze") and any(
+        a in ("-h", "--help") for a in rest)
+    args = _parser(epilogs=wants_help).parse_args(rest)
     _setup_logging(getattr(args, "quiet", False))
     if args.command in ("train", "demo", "paper", "analyze", "densify"):
       _enable_compilation_cache()

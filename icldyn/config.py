@@ -338,7 +338,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for name in names:
     _require(name in task.evaluators, "eval.evaluators",
              f"unknown evaluator {name!r} of task {task.name}"
-             f"{did_you_mean(name, task.evaluators)}; known: {', '.join(task.evaluators)}")
+             f"{did_you_mean(name, task.evaluators)} (known: {', '.join(task.evaluators)})")
   task.validate_evaluators(cfg, names)
   for name in _names(ev.clamp_evaluators):
     _require(name in names, "eval.clamp_evaluators",

@@ -18,6 +18,7 @@ import pytest
 from conftest import tiny_config
 from icldyn import cli
 from icldyn import runner
+from icldyn.store import checkpoints as ckpt_lib
 from icldyn.store import files as wd_lib
 from icldyn.analysis import command, densify, loader, measures
 from icldyn.config import ConfigError
@@ -192,6 +193,38 @@ def test_loader_streams_and_restores_runs(trained):
   # Breaking off early stops the reader thread.
   for _ in loader.stream(trained, 0, prefetch=1):
     break
+
+
+def test_a_missing_step_or_run_says_what_exists(trained):
+  wd = loader.open_workdir(trained)
+  with pytest.raises(ckpt_lib.CheckpointNotFound,
+                     match=r"no stream checkpoint at step 500; the nearest are at 320, 640 "
+                           r"\(of 2, 320 to 640,"):
+    loader.restore_run(wd, 500, 0)
+  with pytest.raises(IndexError, match=r"no run 7 .*its runs are 0 to 3"):
+    loader.restore_run(wd, 640, 7)
+  with pytest.raises(IndexError, match=r"run index 4 is out of range: group 0 has runs 0 to 3"):
+    ckpt_lib.restore_run(trained, 640, 0, 4)
+
+
+def test_misspelt_measure_and_curve_get_the_closest(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  with pytest.raises(ConfigError, match=r"unknown measure\(s\) ov_copyng; did you mean ov_copying\?"):
+    command.analyze(wd, measures="ov_copyng", quiet=True)
+  with pytest.raises(ConfigError, match=r"no metric matches fsl_train/los in metrics.csv; did you "
+                                        r"mean fsl_train/loss\?"):
+    command.analyze(wd, curves=["fsl_train/los"], quiet=True)
+  assert not os.path.exists(os.path.join(wd, "analysis"))
+
+
+def test_plot_refuses_a_directory_that_is_not_a_workdir(tmp_path, capsys):
+  d = tmp_path / "not_a_workdir"
+  d.mkdir()
+  (d / "notes.txt").write_text("mine")
+  assert cli.main(["plot", "--workdir", str(d)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"icldyn: error: --workdir: {d} has no config.json; is it an icldyn train workdir?"
+  assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]  # nothing written
 
 
 def test_densify_reproduces_the_stored_run(trained, tmp_path):

@@ -2,7 +2,7 @@
 line `icldyn: error: FIELD: message` and exit code 2, before any training or writing.
 
 The cases below are also the table in docs/bad_inputs.md; regenerate it with
-`.venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md` (a test
+`.venv/bin/python tests/test_bad_inputs.py` (it rewrites the table; a test
 checks that every message there is current).
 """
 
@@ -306,7 +306,7 @@ def test_the_table_in_the_docs_is_current(inputs):
   """docs/bad_inputs.md lists every case with the message it gives now."""
   doc = open(DOC).read()
   stale = [row for row in _rows(inputs) if row not in doc]
-  assert not stale, ("regenerate: .venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md\n"
+  assert not stale, ("regenerate: .venv/bin/python tests/test_bad_inputs.py\n"
                      + "\n".join(stale))
 
 
@@ -315,6 +315,9 @@ if __name__ == "__main__":
   tmp = tempfile.mkdtemp()
   _make_files(tmp)
   head = open(DOC).read().split("<!-- table -->")[0]
-  print(head + "<!-- table -->\n"
-        "| input | arguments after `icldyn train --config experiments/ih_paper.py:smoke "
-        "--workdir WD` | the one line on stderr |\n|---|---|---|\n" + "\n".join(_rows(tmp)))
+  table = ("| input | arguments after `icldyn train --config experiments/ih_paper.py:smoke "
+           "--workdir WD` | the one line on stderr |\n|---|---|---|\n" + "\n".join(_rows(tmp)))
+  # Read the head before writing: a shell redirection would empty the file first.
+  with open(DOC, "w") as f:
+    f.write(head + "<!-- table -->\n" + table + "\n")
+  print(f"wrote {DOC}")

@@ -75,3 +75,47 @@ def test_cli_bad_input_exit_2_and_writes_nothing(tmp_path, capsys, args):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("icldyn: error: ")
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.train.learing_rate=1e-4"], "train.learing_rate: unknown config field; did you mean "
+                                           "train.learning_rate?"),
+    (["--grid", "data.num_lables=5,6"], "data.num_lables: unknown config field; did you mean "
+                                        "data.num_labels?"),
+    (["--config.eval.clamps=keep_head3"], "eval.clamps: unknown named clamp 'keep_head3'; did you "
+                                          "mean keep_head_3?"),
+    (["--config.eval.evaluators=fsl_trian"], "eval.evaluators: unknown evaluator 'fsl_trian' of "
+                                             "task fewshot; did you mean fsl_train? (known: "
+                                             "fsl_train, fsl_val_rl, fsl_train_valex, "
+                                             "fsl_test_class)"),
+    (["--config.task.name=repeat_token"], "task.name: unknown task 'repeat_token'; did you mean "
+                                          "repeat_tokens? (known: fewshot, repeat_tokens)"),
+])
+def test_misspelt_names_get_the_closest_valid_one(argv, message, tmp_path, capsys):
+  code = cli.main(["train", "--config", STUDY + ":smoke", "--workdir", str(tmp_path / "w")] + argv)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err == f"icldyn: error: {message}", err
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_misspelt_study_variant_gets_the_closest_one(tmp_path, capsys):
+  code = cli.main(["train", "--config", STUDY + ":smok", "--workdir", str(tmp_path / "w")])
+  assert code == 2 and "unknown variant 'smok'; did you mean smoke?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, wanted", [
+    (["train", "--help"], ["--config.FIELD=VALUE", "--workdir DIR", "output directory",
+                           "train.learning_rate = 1e-05", "tokens.vocab_size = 64",
+                           "task.name = 'fewshot'"]),
+    (["analyze", "--help"], ["ov_copying", "k_composition_svd_share",
+                             "EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]]", "progress/MEASURE"]),
+    (["paper", "--help"], ["--variant {cpu,smoke}", "paper's settings"]),
+])
+def test_help_is_where_a_user_learns_the_command(argv, wanted, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for w in wanted:
+    assert w in out, (w, out[-2000:])
+  assert "{,cpu" not in out

@@ -54,7 +54,7 @@ from icldyn.analysis import loader
 from icldyn.analysis import measures as measures_lib
 from icldyn.analysis import summary as summary_lib
 from icldyn.analysis import timing as timing_lib
-from icldyn.errors import ConfigError
+from icldyn.errors import ConfigError, did_you_mean
 from icldyn.store import files as wd_lib
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,9 @@ def parse_measures(measures: str | Sequence[str] | None) -> tuple[list[str], boo
     return list(measures_lib.DEFAULT_MEASURES), True
   unknown = [m for m in items if m not in measures_lib.MEASURES]
   if unknown:
-    raise ConfigError("--measures", f"unknown measure(s) {', '.join(unknown)}; known: "
-                      f"{', '.join(measures_lib.MEASURES)} (or 'all')")
+    raise ConfigError("--measures", f"unknown measure(s) {', '.join(unknown)}"
+                      f"{did_you_mean(unknown[0], measures_lib.MEASURES)} (known: "
+                      f"{', '.join(measures_lib.MEASURES)}, or 'all')")
   return items, False
 
 
@@ -508,7 +509,8 @@ def _resolve_metric_curves(specs: Sequence[CurveSpec], metrics, seen, strict: bo
     if not found:
       if strict:
         avail = sorted({f"{e}/{m}" for e, m in seen})
-        raise ConfigError("--curve", f"no metric matches {spec.text} in metrics.csv "
+        hint = did_you_mean(f"{spec.source}/{spec.pattern}", avail)
+        raise ConfigError("--curve", f"no metric matches {spec.text} in metrics.csv{hint} "
                           f"(has {', '.join(avail[:12])}{' ...' if len(avail) > 12 else ''})")
       fallback = CurveSpec(PROGRESS, spec.pattern, spec.direction, spec.level)
       log.info("curve %s not in metrics.csv; timing %s instead", spec.text, fallback.text)

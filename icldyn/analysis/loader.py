@@ -226,5 +226,5 @@ def restore_run(workdir: str | Workdir, step: int, run: int) -> Any:
   wd = workdir if isinstance(workdir, Workdir) else open_workdir(workdir)
   row = next((r for r in wd.runs if int(r["run"]) == run), None)
   if row is None:
-    raise ValueError(f"no run {run} in {wd.path}")
+    raise IndexError(f"no run {run} in {wd.path}: its runs are 0 to {len(wd.runs) - 1}")
   return ckpt_lib.restore_run(wd.path, step, int(row["group"]), int(row["group_index"]))

@@ -53,6 +53,10 @@ class CheckpointDamaged(Exception):
     self.kind, self.step, self.path, self.reason = kind, step, path, reason
 
 
+class CheckpointNotFound(LookupError):
+  """No checkpoint at the step asked for; the message names the nearest ones."""
+
+
 class CheckpointMismatch(Exception):
   """An intact resume state that does not fit the train state being restored."""
 
@@ -258,11 +262,19 @@ class Store:
     """Checks a step against its manifest: True if sealed and intact, False if unsealed.
 
     Raises:
-      CheckpointDamaged: absent, or a file differs from the manifest.
+      CheckpointNotFound: there is no checkpoint at `step`.
+      CheckpointDamaged: a file differs from the manifest.
     """
     path = self.path(kind, step)
     if not os.path.isdir(path):
-      raise CheckpointDamaged(kind, step, path, "it does not exist")
+      steps = self._steps(kind)
+      if not steps:
+        raise CheckpointNotFound(f"there are no {kind} checkpoints in {os.path.dirname(path)}")
+      near = sorted(sorted(steps, key=lambda s: (abs(s - step), s))[:3])
+      raise CheckpointNotFound(
+          f"there is no {kind} checkpoint at step {step}; the nearest are at "
+          f"{', '.join(map(str, near))} (of {len(steps)}, {steps[0]} to {steps[-1]}, in "
+          f"{os.path.dirname(path)})")
     try:
       why = check(path)
     except FileNotFoundError:
@@ -431,4 +443,7 @@ def restore_run(workdir: str, step: int, group: int = 0, index: int = 0) -> Any:
     params = store.restore_params(step)
   finally:
     store.close()
+  runs = np.shape(jax.tree.leaves(params)[0])[0]
+  if not 0 <= index < runs:
+    raise IndexError(f"run index {index} is out of range: group {group} has runs 0 to {runs - 1}")
   return jax.tree.map(lambda x: np.asarray(x)[index], params)
