@@ -111,6 +111,26 @@ def _orbax_errors_quiet():
     logger.setLevel(level)
 
 
+class _ReadOnlyNotes(logging.Filter):
+  """Drops orbax's warnings that a read-only manager is read-only (one per
+  restore otherwise: analysis opens a manager per group and checkpoint)."""
+
+  NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.NOTES)
+
+
+@contextlib.contextmanager
+def _read_only_notes_quiet():
+  logger, note = logging.getLogger("absl"), _ReadOnlyNotes()
+  logger.addFilter(note)
+  try:
+    yield
+  finally:
+    logger.removeFilter(note)
+
+
 def _path_name(path) -> str:
   """A pytree key path as 'a/b/0', the same for a NamedTuple and the dict orbax restores."""
   parts = []
@@ -224,8 +244,9 @@ class Store:
     self.resume = self._manager("resume")
 
   def _manager(self, kind: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.join(self.base, kind),
-                                 options=ocp.CheckpointManagerOptions(**self._opts))
+    with _read_only_notes_quiet():
+      return ocp.CheckpointManager(os.path.join(self.base, kind),
+                                   options=ocp.CheckpointManagerOptions(**self._opts))
 
   def _reopen(self, kind: str) -> None:
     """A fresh manager: a failed restore can leave orbax's guess of the item layout wrong."""
