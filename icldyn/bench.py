@@ -34,15 +34,11 @@ def paper_config(n_runs: int, batch: int, clamped: bool = False):
   return c
 
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")
-
-
 def token_config(n_runs: int, batch: int):
-  """The token task's model and data of `experiments/repeat_tokens.py:cpu` (2 layers, 4
+  """The token task's model and data of `repeat_tokens:cpu` (2 layers, 4
   heads, d_model 32, 64 tokens, V 64, segment 14), `n_runs` seeds."""
-  from icldyn.config import load_config
-  c = load_config(os.path.join(EXPERIMENTS, "repeat_tokens.py") + ":cpu")
+  from icldyn import studies
+  c = studies.load("repeat_tokens:cpu")
   with c.unlocked():
     c.train.batch_size = batch
     c.tokens.vocab_size = 64
@@ -88,7 +84,7 @@ def bench_one(n_runs: int, steps: int, batch: int, clamped: bool = False,
               task: str = "fewshot") -> dict:
   """Times the grid chunk of a task's benchmark model for `n_runs` runs (this process)."""
   import jax
-  from icldyn import train as train_lib
+  from icldyn import step as train_lib
   cfg = bench_config(task, n_runs, batch, clamped)
   with cfg.unlocked():
     cfg.train.scan_steps = 100
@@ -165,7 +161,7 @@ def bench_end_to_end(n_runs: int, sequences: int, batch: int) -> dict:
 def bench_loop(steps: int, batch: int, task: str = "fewshot") -> float:
   """One run, one jitted step per Python iteration (the icl-dynamics way): steps/s."""
   import jax
-  from icldyn import build, train as train_lib
+  from icldyn import build, step as train_lib
   pg = build.prepare(bench_config(task, 1, batch)).groups[0]
   props = jax.tree.map(lambda x: jax.numpy.asarray(x[0]), pg.props)
   table = jax.tree.map(jax.numpy.asarray, pg.table)
@@ -214,7 +210,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="1,8,64,64c,256,64t",
                  help="grid sizes; a trailing 'c' mixes 8 keep_head clamp settings, a "
-                      "trailing 't' is the token task (experiments/repeat_tokens.py:cpu model)")
+                      "trailing 't' is the token task (repeat_tokens:cpu model)")
   p.add_argument("--batches", default="8,16,64,128",
                  help="batch sizes (besides --batch) timed at 64 runs; '' for none")
   p.add_argument("--steps", type=int, default=300, help="timed steps per grid size")

@@ -43,7 +43,7 @@ def categorize(name: str, op_name: str) -> str:
   Args:
     name: the HLO instruction's name (`ynn_fusion.22`, `copy.818`, ...).
     op_name: its `op_name` metadata, the JAX name stack ('' if none). The
-      model's modules and the named scopes of `train` (sample, optimizer,
+      model's modules and the named scopes of `step` (sample, optimizer,
       norms, guard) appear in it.
   """
   if op_name.endswith("dot_general") or re.match(r"(ynn_fusion|dot)(\.|$)", name):

@@ -25,7 +25,7 @@ from icldyn import clamps as clamps_lib
 from icldyn import config as config_lib
 from icldyn import grid as grid_lib
 from icldyn import model as model_lib
-from icldyn import train as train_lib
+from icldyn import step as train_lib
 from icldyn.errors import ConfigError
 from icldyn.store import checkpoints as ckpt_lib
 from icldyn.store import files

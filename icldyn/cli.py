@@ -6,7 +6,8 @@
     icldyn densify --workdir DIR [--window auto|START:END] [--num N]
     icldyn plot    --workdir DIR [--pdf]
     icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
-    icldyn toy     --config experiments/toy.py[:smoke] --workdir DIR
+    icldyn toy     --config toy[:smoke] --workdir DIR
+    icldyn list                              the bundled studies and their variants
     icldyn paper   --outdir DIR [--variant cpu|smoke]   every study + analysis + plots
 
 Bad input ends with one line `icldyn: error: FIELD: message` and exit code 2,
@@ -28,8 +29,7 @@ EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume)
 EXIT_IO = 74  # EX_IOERR: the workdir could not be written (disk full, ...); fix, then resume
 
-DEMO_STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "experiments", "demo.py")
+DEMO_STUDY = "demo"  # icldyn/studies/demo.py
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -86,10 +86,12 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
 
   t = sub.add_parser("train", help="train a grid of runs into a workdir", formatter_class=raw,
                      epilog=_train_epilog() if epilogs else None,
-                     usage="icldyn train --config STUDY.py[:VARIANT] --workdir DIR "
+                     usage="icldyn train --config STUDY[:VARIANT] --workdir DIR "
                            "[--config.FIELD=VALUE ...] [--grid FIELD=V1,V2 ...] [--quiet] "
                            "[--overwrite]")
-  t.add_argument("--config", required=True, help="study file, e.g. experiments/ih_paper.py:smoke")
+  t.add_argument("--config", required=True,
+                 help="a bundled study (`icldyn list`), e.g. ih_paper:smoke, or a study file "
+                      "PATH.py[:VARIANT] of your own")
   t.add_argument("--workdir", required=True,
                  help="output directory (created; the same command resumes it)")
   t.add_argument("--grid", action="append", default=[],
@@ -102,7 +104,8 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
                      formatter_class=raw, epilog=_analyze_epilog() if epilogs else None)
   a.add_argument("--workdir", required=True, help="a workdir written by icldyn train")
   a.add_argument("--measures", default=None,
-                 help="comma-separated measures (default: every one but 'clamped'; below)")
+                 help="comma-separated measures (default: every one but 'clamped'; below), "
+                      "and your own as module:function")
   a.add_argument("--curve", action="append", default=[],
                  help="EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]] to time (grammar below)")
   a.add_argument("--quiet", action="store_true")
@@ -131,7 +134,9 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   pp.add_argument("--quiet", action="store_true")
 
   ty = sub.add_parser("toy", help="the toy model of phase changes (Singh et al. 2024, Fig. 5a)")
-  ty.add_argument("--config", default="experiments/toy.py")
+  ty.add_argument("--config", default="toy", help="the toy study (default: toy; toy:smoke)")
+
+  sub.add_parser("list", help="the bundled studies, their variants and one line each")
   ty.add_argument("--workdir", required=True)
   return p
 
@@ -150,8 +155,8 @@ def _setup_logging(quiet: bool) -> None:
 
 def cmd_train(args, overrides: list[str]) -> int:
   from icldyn import config as config_lib
-  from icldyn import runner
-  cfg = config_lib.load_config(args.config)
+  from icldyn import runner, studies
+  cfg = studies.load(args.config)
   config_lib.apply_overrides(cfg, overrides)
   try:
     summary = runner.train(cfg, args.workdir, args.grid, quiet=args.quiet, overwrite=args.overwrite)
@@ -197,9 +202,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_demo(args) -> int:
-  from icldyn import config as config_lib
-  from icldyn import pipeline, runner
-  cfg = config_lib.load_config(DEMO_STUDY)
+  from icldyn import pipeline, runner, studies
+  cfg = studies.load(DEMO_STUDY)
   try:
     summary = pipeline.run_study(cfg, args.workdir, quiet=args.quiet)
   except runner.Preempted as e:
@@ -217,9 +221,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_toy(args) -> int:
-  from icldyn import config as config_lib
-  from icldyn import toy
-  cfg = config_lib.load_config(args.config)
+  from icldyn import studies, toy
+  cfg = studies.load(args.config)
   try:
     toy_cfg = toy.ToyConfig.from_mapping(cfg.toy)
   except ValueError as e:
@@ -266,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_analyze(args)
     if args.command == "plot":
       return cmd_plot(args)
+    if args.command == "list":
+      from icldyn import studies
+      print(studies.describe())
+      return 0
     if args.command == "densify":
       from icldyn.analysis import densify
       try:

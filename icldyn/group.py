@@ -6,7 +6,7 @@ bitwise the original run; this module is that one way:
 
 - `Placed`: the group's runs padded to the device count and sharded over a
   mesh of its devices, the shared arrays replicated, and the programs of
-  `icldyn.train.make_programs` compiled with icldyn's XLA options;
+  `icldyn.step.make_programs` compiled with icldyn's XLA options;
 - `schedule(cfg, batch)`: the optimizer steps of every evaluation, stream
   checkpoint and resume checkpoint;
 - `resume_tree`: what a resume checkpoint holds;
@@ -27,7 +27,7 @@ import numpy as np
 from icldyn import build
 from icldyn import config as config_lib
 from icldyn import sharding as sharding_lib
-from icldyn import train as train_lib
+from icldyn import step as train_lib
 from icldyn import xla_options
 from icldyn.store import checkpoints as ckpt_lib
 
@@ -51,7 +51,7 @@ class Placed:
     padded: R padded to a multiple of the device count.
     props: per-run props, padded and sharded over the mesh.
     table: the task's shared arrays, replicated.
-    init, chunk, evaluate: the jitted programs (`train.make_programs`).
+    init, chunk, evaluate: the jitted programs (`step.make_programs`).
   """
 
   def __init__(self, prepared: build.PreparedGroup):

@@ -15,14 +15,12 @@ import os
 import sys
 import time
 
-from icldyn import config as config_lib
 from icldyn import pipeline
+from icldyn import studies as studies_lib
 from icldyn import toy as toy_lib
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")
 STUDIES = ("ih_paper", "single_head", "subcircuits", "data_dependence")
 
 
@@ -40,8 +38,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
   times = {}
   for study in studies:
     t0 = time.time()
-    spec = os.path.join(EXPERIMENTS, f"{study}.py") + (f":{variant}" if variant else "")
-    cfg = config_lib.load_config(spec)
+    cfg = studies_lib.load(study + (f":{variant}" if variant else ""))
     workdir = os.path.join(outdir, study)
     if not quiet:
       print(f"[icldyn] paper: {study} ({variant or 'paper'} variant) -> {workdir}",
@@ -50,8 +47,7 @@ def run_paper(outdir: str, variant: str = "", quiet: bool = False,
     times[study] = time.time() - t0
   if toy:
     t0 = time.time()
-    cfg = config_lib.load_config(os.path.join(EXPERIMENTS, "toy.py") +
-                                 (":smoke" if variant == "smoke" else ""))
+    cfg = studies_lib.load("toy" + (":smoke" if variant == "smoke" else ""))
     toy_lib.run_toy_study(os.path.join(outdir, "toy"), toy_lib.ToyConfig.from_mapping(cfg.toy),
                           list(cfg.init_seeds), clamps=tuple(cfg.clamps), level=cfg.level)
     times["toy"] = time.time() - t0

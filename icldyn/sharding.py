@@ -2,7 +2,7 @@
 
 The run axis is split over every device with `jax.sharding.NamedSharding`
 (no pmap); shared arrays (the class table) are replicated. The training chunk
-runs under `jax.shard_map` over the same mesh (`train.make_programs`), so each
+runs under `jax.shard_map` over the same mesh (`step.make_programs`), so each
 device steps its own runs with nothing crossing devices. A grid whose run
 count is not a multiple of the device count is padded with copies of its
 last run, whose results are dropped.

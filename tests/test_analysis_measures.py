@@ -162,7 +162,7 @@ def test_clamped_previous_token_head_scores_one(group):
 def test_eval_batch_is_the_fsl_train_evaluation_set(group):
   pg, _, batch = group
   # Sequence i of the fsl_train set, drawn one at a time as the evaluator keys it.
-  from icldyn import train as train_lib
+  from icldyn import step as train_lib
   props = jax.tree.map(lambda x: jnp.asarray(x[1]), pg.props)
   table = jax.tree.map(jnp.asarray, pg.table)
   # The evaluator's key, as training derives it: fold_in(fold_in(seed, EVAL_STREAM), index).

@@ -23,7 +23,7 @@ from icldyn import config as config_lib
 from icldyn import model as model_lib
 from icldyn import runner
 from icldyn import sharding as sharding_lib
-from icldyn import train as train_lib
+from icldyn import step as train_lib
 from icldyn.errors import ConfigError
 from icldyn.store import checkpoints as ckpt_lib
 from icldyn.tasks import fewshot

@@ -16,7 +16,7 @@ import pytest
 
 from icldyn import build, sharding
 from icldyn import model as model_lib
-from icldyn import train as train_lib
+from icldyn import step as train_lib
 from icldyn.model import core as model_core
 from icldyn.tasks import fewshot
 from icldyn.tasks import fewshot as data_lib

@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 from icldyn import config as config_lib
+from icldyn.analysis import custom as custom_lib
 from icldyn.analysis import loader
 from icldyn.analysis import measures as measures_lib
 from icldyn.analysis import summary as summary_lib
@@ -165,22 +166,33 @@ def default_curves(task) -> list[CurveSpec]:
   return [parse_curve(c) for c in task.default_curves]
 
 
-def parse_measures(measures: str | Sequence[str] | None) -> tuple[list[str], bool]:
-  """(measure names, whether they are the default set) from the command line."""
+def parse_measures(measures: str | Sequence[Any] | None
+                   ) -> tuple[list[str], bool, list[custom_lib.Measure]]:
+  """(built-in measure names, whether they are the default set, custom measures).
+
+  Items are built-in names, 'all', 'default', or custom measures: functions,
+  registered names or `module:function` (`icldyn.analysis.custom`).
+  """
   if measures is None:
-    return list(measures_lib.DEFAULT_MEASURES), True
+    return list(measures_lib.DEFAULT_MEASURES), True, []
   items = measures.split(",") if isinstance(measures, str) else list(measures)
-  items = [m.strip() for m in items if m.strip()]
+  items = [m.strip() if isinstance(m, str) else m for m in items]
+  items = [m for m in items if not isinstance(m, str) or m]
+  custom = [custom_lib.resolve(m) for m in items
+            if m not in measures_lib.MEASURES and custom_lib.is_custom(m)]
+  items = [m for m in items if isinstance(m, str) and not
+           (m not in measures_lib.MEASURES and custom_lib.is_custom(m))]
   if items == ["all"]:
-    return list(measures_lib.MEASURES), False
+    return list(measures_lib.MEASURES), False, custom
   if items == ["default"]:
-    return list(measures_lib.DEFAULT_MEASURES), True
+    return list(measures_lib.DEFAULT_MEASURES), True, custom
   unknown = [m for m in items if m not in measures_lib.MEASURES]
   if unknown:
     raise ConfigError("--measures", f"unknown measure(s) {', '.join(unknown)}"
                       f"{did_you_mean(unknown[0], measures_lib.MEASURES)} (known: "
-                      f"{', '.join(measures_lib.MEASURES)}, or 'all')")
-  return items, False
+                      f"{', '.join(measures_lib.MEASURES)}, or 'all', or a custom measure "
+                      "module:function)")
+  return items, False, custom
 
 
 # --------------------------------------------------------------------------
@@ -551,7 +563,9 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
     measures: None (defaults: every measure but 'clamped'; data measures
       that metrics.csv already has for every run are reused, not
       recomputed), 'all', or names from `measures.MEASURES` as a list or
-      comma-separated string ('' for none).
+      comma-separated string ('' for none); custom measures
+      (`icldyn.analysis.custom`: functions, registered names,
+      `module:function`) join them, and their curves are timed too.
     curves: curve specs `SOURCE/NAME[:up|down[:LEVEL]]` (replace the task's
       defaults; few-shot: `fsl_train/loss` and each head's induction strength).
     quiet: no table on stdout (log lines follow the logging set-up; the
@@ -575,8 +589,9 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   t0 = time.time()
   wd = loader.open_workdir(workdir)
   task = config_lib.task_of(wd.config)
-  names, is_default = parse_measures(measures)
-  specs = [parse_curve(c) for c in curves] if curves else default_curves(task)
+  names, is_default, custom = parse_measures(measures)
+  specs = [parse_curve(c) for c in curves] if curves else default_curves(task) + [
+      CurveSpec(PROGRESS, m.name, m.direction, m.level) for m in custom]
   bad = [e for e in estimators if e not in timing_lib.ESTIMATORS]
   if bad:
     raise ConfigError("estimators", f"unknown {bad}; known: {list(timing_lib.ESTIMATORS)}")
@@ -585,8 +600,9 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   if is_default:
     names = _drop_logged(names, metrics, {int(r["run"]) for r in wd.runs}, task)
   curve_data, progress_specs = _resolve_metric_curves(specs, metrics, seen, bool(curves))
-  groups = wd.prepared().groups if names else []
-  programs = [measures_lib.make_program(pg.static, names, clamps, chunk) for pg in groups]
+  groups = wd.prepared().groups if names or custom else []
+  programs = [measures_lib.make_program(pg.static, names, clamps, chunk, custom, pg.table,
+                                        pg.props) for pg in groups]
   progress_curves = _resolve_progress_curves(progress_specs, programs, bool(curves))
 
   os.makedirs(os.path.join(wd.path, wd_lib.ANALYSIS_DIR), exist_ok=True)
@@ -607,6 +623,7 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   if not quiet:
     varying = [k for k in keys if len({r[k] for r in wd.runs}) > 1]
     print(events_table(summ, wd.settings, varying), file=out or sys.stdout, flush=True)
-  computed = [m for m in measures_lib.MEASURES if any(m in p.measures for p in programs)]
+  computed = [m for m in measures_lib.MEASURES + tuple(c.name for c in custom)
+              if any(m in p.measures for p in programs)]
   return {**paths, "measures": computed,
           "curves": list(curve_data), "checkpoints": n_ckpt, "seconds": time.time() - t0}

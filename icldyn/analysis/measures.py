@@ -54,7 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from icldyn import clamps as clamps_lib
-from icldyn import train as train_lib
+from icldyn import model as model_lib
+from icldyn import step as train_lib
+from icldyn.analysis import custom as custom_lib
 from icldyn.analysis import weights
 from icldyn.tasks import scores
 
@@ -185,9 +187,12 @@ def layer_pairs(num_layers: int) -> list[tuple[int, int]]:
 
 
 def make_layout(spec, measures: Sequence[str], clamps: Sequence[str],
-                induction_metric: str = "induction_strength") -> dict[str, list[RowKey]]:
+                induction_metric: str = "induction_strength",
+                custom_shapes: dict[str, tuple[custom_lib.Measure, tuple[int, ...]]] | None = None
+                ) -> dict[str, list[RowKey]]:
   """Row keys of every output of `run_measures`, in its key order (the
-  induction score's rows are named after the task's `induction_metric`)."""
+  induction score's rows are named after the task's `induction_metric`;
+  `custom_shapes`: {output key: (custom measure, shape of one run's value)})."""
   nl, h, dh = spec.num_layers, spec.num_heads, spec.d_head
   out: dict[str, list[RowKey]] = {}
   if "induction_strength" in measures:
@@ -210,12 +215,16 @@ def make_layout(spec, measures: Sequence[str], clamps: Sequence[str],
           RowKey(f"k_composition_svd_share.c{r}", l, j, e, i) for j, i in pairs for r in range(dh)]
   if "ov_copying" in measures:
     out["ov_copying"] = [RowKey("ov_copying", nl - 1, i) for i in range(h)]
+  for key, (m, shape) in (custom_shapes or {}).items():
+    name = key.split("/", 2)[2]
+    out[key] = [RowKey(*k) for k in custom_lib.row_keys(m, name, shape, nl, h)]
   return out
 
 
 def run_measures(static: train_lib.Static, params, batch,
                  props: train_lib.Props, measures: Sequence[str],
-                 plans: Sequence[tuple[str, Any]] = ()) -> dict[str, jax.Array]:
+                 plans: Sequence[tuple[str, Any]] = (),
+                 custom: Sequence[custom_lib.Measure] = ()) -> dict[str, jax.Array]:
   """Every requested measure of one run at one checkpoint.
 
   Args:
@@ -227,6 +236,8 @@ def run_measures(static: train_lib.Static, params, batch,
     props: one run's props.
     measures: names from MEASURES.
     plans: (name, plan) of the `clamped` measure.
+    custom: users' measures (`icldyn.analysis.custom`); their outputs are
+      keyed `custom/{measure}/{name}`.
 
   Returns:
     {key: array}, keys and shapes as `make_layout`.
@@ -239,8 +250,13 @@ def run_measures(static: train_lib.Static, params, batch,
     result = static.task.reduce(evaluator, static.task.eval_terms(evaluator, logits, acts, batch))
     return result["loss"], result["acc"]
 
-  if any(m in measures for m in ("induction_strength", "prev_token", "loss")):
+  if any(m in measures for m in ("induction_strength", "prev_token", "loss")) or custom:
     logits, acts = train_lib.forward(static, params, batch, props, static.plan)
+    if custom:
+      cache = model_lib.Cache.from_acts(acts)
+      for m in custom:
+        for name, value in m(params, cache, batch).items():
+          out[f"custom/{m.name}/{name}"] = value
     if "induction_strength" in measures:
       out["induction_strength"] = induction_strength(
           acts[f"layer_{spec.num_layers - 1}"]["attn"]["pattern"], spec.front.targets(batch))
@@ -284,7 +300,9 @@ def clamp_plans(spec, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 
 def make_program(static: train_lib.Static, measures: Sequence[str],
-                 clamps: Sequence[str] | None = None, chunk: int | None = None) -> Program:
+                 clamps: Sequence[str] | None = None, chunk: int | None = None,
+                 custom: Sequence[custom_lib.Measure] = (), table=None,
+                 props: train_lib.Props | None = None) -> Program:
   """The group's measure program (compiled on first call, then reused).
 
   Args:
@@ -295,6 +313,9 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
       one vmap; None: 8 on a CPU, else 0). A `lax.map` over chunks of a few
       runs is about twice as fast on a CPU, where many tiny batched matmuls
       are slow; results do not depend on it.
+    custom: users' measures (`icldyn.analysis.custom`).
+    table, props: the group's shared arrays and stacked props (needed with
+      `custom`, to find the shapes of their outputs).
 
   Returns:
     A Program.
@@ -314,20 +335,42 @@ def make_program(static: train_lib.Static, measures: Sequence[str],
   if "clamped" in measures and not plans:
     measures = tuple(m for m in measures if m != "clamped")
   names = tuple(n for n, _ in plans)
-  needs_batch = any(m in DATA_MEASURES for m in measures)
+  custom = tuple(custom)
+  needs_batch = any(m in DATA_MEASURES for m in measures) or bool(custom)
   if chunk is None:
     chunk = 8 if jax.default_backend() == "cpu" else 0
 
   def one(params, batch, props):
-    return run_measures(static, params, batch, props, measures, plans)
+    return run_measures(static, params, batch, props, measures, plans, custom)
+
+  shapes = custom_shapes(static, custom, table, props, one) if custom else None
 
   def fn(params, batch, props):
     if not chunk:
       return jax.vmap(one)(params, batch, props)
     return jax.lax.map(lambda a: one(*a), (params, batch, props), batch_size=chunk)
 
-  return Program(fn=jax.jit(fn), layout=make_layout(spec, measures, names, static.task.induction_metric), measures=measures,
+  layout = make_layout(spec, measures, names, static.task.induction_metric, shapes)
+  return Program(fn=jax.jit(fn), layout=layout, measures=measures + tuple(m.name for m in custom),
                  clamps=names, needs_batch=needs_batch)
+
+
+def custom_shapes(static: train_lib.Static, custom: Sequence[custom_lib.Measure], table,
+                  props: train_lib.Props, one: Callable
+                  ) -> dict[str, tuple[custom_lib.Measure, tuple[int, ...]]]:
+  """{output key: (measure, shape)} of the custom measures' outputs for one run (traced, not run)."""
+  if props is None:
+    raise ValueError("custom measures need the group's table and props to be shaped")
+  first = jax.tree.map(lambda x: x[0], props)
+  evaluator = analysis_evaluator(static)
+  batch = jax.eval_shape(lambda t, p: static.task.sample(
+      train_lib.eval_key(static, p.eval_seed, evaluator), t, p.data, evaluator, EVAL_SIZE),
+      table, first)
+  params = jax.eval_shape(lambda: model_lib.init_params(static.model, 0))
+  out = jax.eval_shape(one, params, batch, first)
+  by_name = {m.name: m for m in custom}
+  return {k: (by_name[k.split("/")[1]], tuple(v.shape)) for k, v in out.items()
+          if k.startswith("custom/")}
 
 
 # --------------------------------------------------------------------------
@@ -345,7 +388,7 @@ def eval_batch(static: train_lib.Static, table, props: train_lib.Props, size: in
   of `analysis_evaluator`.
 
   Sequence i of an evaluator's set uses `fold_in(key, i)` with the key
-  `train.eval_key` derives from the run's eval seed, so this batch is a
+  `step.eval_key` derives from the run's eval seed, so this batch is a
   prefix of the set that training evaluates.
 
   Args:

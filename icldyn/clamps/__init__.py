@@ -2,7 +2,7 @@
 
 `catalogue` owns the typed constructors (each beside the traced half that
 applies it), `plan` turns per-run lists of them into one compiled plan plus
-per-run arrays, and `forms` parses the config text and the named evaluation
+per-run arrays, `custom` makes a user's Python function a clamp, and `forms` parses the config text and the named evaluation
 clamps. The mechanism underneath (`Clamp(value, mask)`, `apply_clamp`) is
 the model's (`icldyn.model`). docs/clamps.md is the user's guide.
 """
@@ -23,6 +23,8 @@ from icldyn.clamps.catalogue import Preserve as Preserve
 from icldyn.clamps.catalogue import PrevTokenPattern as PrevTokenPattern
 from icldyn.clamps.catalogue import SilenceNonLabel as SilenceNonLabel
 from icldyn.clamps.catalogue import copy_logits as copy_logits
+from icldyn.clamps.custom import CustomClamp as CustomClamp
+from icldyn.clamps.custom import custom_clamp as custom_clamp
 from icldyn.clamps.forms import CONDITIONS as CONDITIONS
 from icldyn.clamps.forms import condition_clamps as condition_clamps
 from icldyn.clamps.forms import describe as describe

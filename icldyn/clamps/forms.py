@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from icldyn.clamps.catalogue import (BY_NAME, AblateHeads, ClampSpec, CopyFromHead,
                                      InductionPattern, Layer1Clamp, Preserve,
                                      PrevTokenPattern)
+from icldyn.clamps.custom import CustomClamp, custom_clamp, import_function
 from icldyn.clamps.plan import Plan, build_resolved, check_conflicts, fixed_plan, resolve
 from icldyn.errors import ConfigError, did_you_mean
 
@@ -29,7 +30,8 @@ def parse(text: str, field: str = "clamps") -> tuple[ClampSpec, ...]:
   The form is constructor calls with keyword arguments joined by '+', e.g.
   `ablate(layer=1, heads=[0, 2]) + prev_token(layer=0, heads=[2], strength=0.9)`.
   Values are Python literals; lists are written [a, b]; true/false/none and
-  bare names (site=z, what=[pattern, v]) are accepted too.
+  bare names (site=z, what=[pattern, v]) are accepted too. A dotted name
+  (`mymodule.my_clamp(layer=0)`) is a custom clamp (`icldyn.clamps.custom`).
 
   Raises:
     ConfigError(field, ...): on anything else.
@@ -56,8 +58,11 @@ def parse(text: str, field: str = "clamps") -> tuple[ClampSpec, ...]:
   out = []
   for call in calls:
     src = ast.get_source_segment(text, call) or ast.dump(call)
-    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+    if not isinstance(call, ast.Call) or not isinstance(call.func, (ast.Name, ast.Attribute)):
       raise ConfigError(field, f"{src!r} is not a clamp call; {example}")
+    if isinstance(call.func, ast.Attribute):  # module.function: a custom clamp
+      out.append(_custom(call, src, field))
+      continue
     name = call.func.id
     cls = BY_NAME.get(name)
     if cls is None:
@@ -84,6 +89,24 @@ def parse(text: str, field: str = "clamps") -> tuple[ClampSpec, ...]:
     except ValueError as e:
       raise ConfigError(field, f"{name}: {e}") from e
   return tuple(out)
+
+
+def _custom(call: ast.Call, src: str, field: str) -> CustomClamp:
+  """`module.function(k=v, ...)` as a CustomClamp (the function must import)."""
+  path = ast.unparse(call.func)
+  if call.args:
+    raise ConfigError(field, f"{src}: use keyword arguments")
+  kwargs = {}
+  for kw in call.keywords:
+    try:
+      kwargs[kw.arg] = _literal(kw.value)
+    except ValueError as e:
+      raise ConfigError(field, f"{path}: bad value for {kw.arg}: {e}") from e
+  try:
+    import_function(path)
+  except ValueError as e:
+    raise ConfigError(field, str(e)) from e
+  return custom_clamp(path, **kwargs)
 
 
 def _literal(node):

@@ -41,6 +41,8 @@ from icldyn.model import merge
 class Context:
   """One run's forward inputs, with the passes and targets clamps need computed once.
 
+  Custom clamps (`icldyn.clamps.custom`) receive it as `ctx`.
+
   Attributes:
     spec: the ModelSpec.
     params: the run's parameters.
@@ -60,6 +62,11 @@ class Context:
   def base(self) -> dict:
     """Activations of the unclamped pass."""
     return self.run(None)[1]
+
+  @functools.cached_property
+  def cache(self) -> model_lib.Cache:
+    """Activations of the unclamped pass by flat name (`icldyn.model.Cache`)."""
+    return model_lib.Cache.from_acts(self.base)
 
   @functools.cached_property
   def targets(self):

@@ -2,10 +2,13 @@
 
 `core` owns the Flax model (blocks, final norm, unembedding; a task's
 `FrontEnd` supplies the embedding and the read-out); `clamp` owns
-`Clamp(value, mask)` and how it is applied. Neither knows any task or the
+`Clamp(value, mask)` and how it is applied; `cache` the activations by flat
+name (`Cache`). Neither knows any task or the
 clamp catalogue (`icldyn.clamps`), which build on them.
 """
 
+from icldyn.model.cache import Cache as Cache
+from icldyn.model.cache import act_name as act_name
 from icldyn.model.clamp import Clamp as Clamp
 from icldyn.model.clamp import apply_clamp as apply_clamp
 from icldyn.model.clamp import conflicts as conflicts

@@ -2,7 +2,7 @@
 
 `paper`: the paper's settings (Adam, lr 1e-5, 1e6 sequences). `cpu`: the same
 model and task with lr 5e-5 and 2e5 sequences, where the phase change happens
-within a CPU budget (see experiments/demo.py). `smoke`: seconds.
+within a CPU budget (see icldyn/studies/demo.py). `smoke`: seconds.
 """
 
 from icldyn.config import base_config
