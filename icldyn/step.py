@@ -157,7 +157,7 @@ def candidate_step(static: Static, table, state: TrainState, props: Props,
   with jax.named_scope("norms"):
     gnorm = optax.global_norm(grads)
   with jax.named_scope("optimizer"):
-    if static.optimizer == "adam":  # coupled L2, as torch/optax `adam` + decay
+    if static.optimizer in ("adam", "sgd"):  # coupled L2, as torch's Adam and SGD weight_decay
       grads = jax.tree.map(lambda g, p: g + props.weight_decay * p, grads, state.params)
     updates, opt_state = _moments(static).update(grads, state.opt_state, state.params)
     if static.optimizer == "adamw":  # decoupled decay (Loshchilov & Hutter 2019)
