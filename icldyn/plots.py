@@ -35,6 +35,7 @@ from matplotlib import patches as mpatches
 from matplotlib import transforms as mtransforms
 from matplotlib.figure import Figure
 import numpy as np
+import pandas as pd
 
 from icldyn import results
 from icldyn.store import files
@@ -262,7 +263,7 @@ def _phase_times(data: WorkdirData, curve: str, estimator: str,
   table = data.phase_changes
   if table is None or 'run' not in table:
     return {}
-  sub = table.select({'curve': curve, 'estimator': estimator})
+  sub = results.select(table, {'curve': curve, 'estimator': estimator})
   if not len(sub):
     return {}
   crossed = (results.as_bool(sub['crossed']) if 'crossed' in sub
@@ -276,7 +277,7 @@ def _phase_times(data: WorkdirData, curve: str, estimator: str,
   return out
 
 
-def _timing_column(table: results.Table, crossed: np.ndarray,
+def _timing_column(table: pd.DataFrame, crossed: np.ndarray,
                    preferred: str) -> str | None:
   """The requested timing column, or the first one that has values."""
   candidates = [preferred] + [c for c in ('midpoint', 'onset', 'end')
@@ -299,9 +300,9 @@ def _timing_column(table: results.Table, crossed: np.ndarray,
 def _evaluators(data: WorkdirData, wanted: Sequence[str]) -> list[str]:
   """Evaluators that logged one of `wanted`: `train`, then the task's order."""
   metrics = data.metrics
-  present = set(metrics.unique('evaluator'))
+  present = set(results.unique(metrics, 'evaluator'))
   has_metric = {e for e in present
-                if any(metrics.mask({'evaluator': e, 'metric': m}).any()
+                if any(len(results.select(metrics, {'evaluator': e, 'metric': m}))
                        for m in wanted)}
   ordered = [e for e in ['train'] + list(data.task['evaluators']) if e in has_metric]
   return ordered + sorted(has_metric - set(ordered))
@@ -353,7 +354,7 @@ def phase_curves_figure(
   run_ids = list(runs) if runs is not None else data.run_ids()
   groups = data.setting_groups(run_ids)
   colors = _colors(len(groups))
-  all_steps = data.metrics['step']
+  all_steps = data.metrics['step'].to_numpy()
   log_x = _spans_decades(all_steps)
   phase: dict[str, dict[int, float | None]] = {}
 
@@ -475,7 +476,7 @@ def _head_series(data: WorkdirData, measure: str, evaluator: str, source: str,
   out: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
   if source in ('auto', 'metrics') and data.metrics is not None:
     pattern = re.compile(rf'^{re.escape(measure)}\.h(\d+)$')
-    names = data.metrics.select({'evaluator': evaluator}).unique('metric')
+    names = results.unique(results.select(data.metrics, {'evaluator': evaluator}), 'metric')
     for metric in names:
       match = pattern.match(str(metric))
       if not match:
@@ -487,13 +488,13 @@ def _head_series(data: WorkdirData, measure: str, evaluator: str, source: str,
     if out or source == 'metrics':
       return out
   if source in ('auto', 'progress') and data.progress is not None:
-    sub = data.progress.select({'measure': measure})
+    sub = results.select(data.progress, {'measure': measure})
     if not len(sub):
       return out
-    layers = sub['layer'].astype(np.float64)
+    layers = sub['layer'].to_numpy(np.float64)
     layer = np.nanmax(layers) if last_layer else np.nanmin(layers)
-    sub = sub.take(layers == layer)
-    for head in sub.unique('head'):
+    sub = sub[layers == layer]
+    for head in results.unique(sub, 'head'):
       per_run = results.series_by_run(sub, {'head': head}, runs)
       for r, s in per_run.items():
         out.setdefault(r, {})[int(head)] = s
@@ -601,18 +602,18 @@ def _timing_points(data: WorkdirData, curve: str, estimator: str,
   """
   summary = data.summary
   if summary is not None and 'curve' in summary:
-    sub = summary.select({'curve': curve, 'estimator': estimator})
+    sub = results.select(summary, {'curve': curve, 'estimator': estimator})
     if len(sub) and 'timing' in sub:
-      available = [str(t) for t in sub.unique('timing')]
+      available = [str(t) for t in results.unique(sub, 'timing')]
       chosen = timing if timing in available else (
           'midpoint' if 'midpoint' in available else available[0])
-      sub = sub.select({'timing': chosen})
+      sub = results.select(sub, {'timing': chosen})
     if len(sub):
       return _summary_points(sub, errors)
   table = data.phase_changes
   if table is None or 'curve' not in table:
     return None
-  sub = table.select({'curve': curve, 'estimator': estimator})
+  sub = results.select(table, {'curve': curve, 'estimator': estimator})
   if not len(sub):
     return None
   crossed = (results.as_bool(sub['crossed']) if 'crossed' in sub
@@ -620,10 +621,10 @@ def _timing_points(data: WorkdirData, curve: str, estimator: str,
   column = _timing_column(sub, crossed, timing)
   times = (sub[column].astype(np.float64) if column
            else np.full(len(sub), np.nan))
-  setting_names = [n for n in sub.names if n not in results.PHASE_COLUMNS
+  setting_names = [n for n in list(sub.columns) if n not in results.PHASE_COLUMNS
                    and n != 'run' and n not in results.SEED_COLUMNS]
   groups: dict[tuple[Any, ...], list[int]] = {}
-  rows = sub.rows()
+  rows = results.rows(sub)
   for i, row in enumerate(rows):
     key = tuple(results.value_key(row[n]) for n in setting_names)
     groups.setdefault(key, []).append(i)
@@ -639,11 +640,11 @@ def _timing_points(data: WorkdirData, curve: str, estimator: str,
   return points
 
 
-def _summary_points(sub: results.Table, errors: str) -> list[dict[str, Any]]:
-  setting_names = [n for n in sub.names if n not in results.SUMMARY_COLUMNS
+def _summary_points(sub: pd.DataFrame, errors: str) -> list[dict[str, Any]]:
+  setting_names = [n for n in list(sub.columns) if n not in results.SUMMARY_COLUMNS
                    and n not in results.SEED_COLUMNS]
   points = []
-  for row in sub.rows():
+  for row in results.rows(sub):
     mean = float(row.get('mean', math.nan))
     if errors == 'ci' and 'ci_low' in row and 'ci_high' in row:
       low, high = float(row['ci_low']), float(row['ci_high'])
@@ -916,8 +917,8 @@ def plot_attention_patterns(patterns: np.ndarray | None,
 # 5. Composition scores between head pairs.
 
 
-def _composition_measures(progress: results.Table) -> list[str]:
-  present = [str(m) for m in progress.unique('measure')
+def _composition_measures(progress: pd.DataFrame) -> list[str]:
+  present = [str(m) for m in results.unique(progress, 'measure')
              if str(m).endswith('_composition')]
   ordered = [m for m in COMPOSITION_ORDER if m in present]
   return ordered + sorted(set(present) - set(ordered))
@@ -957,12 +958,12 @@ def composition_figure(
   if not measures:
     return _skip('composition', 'no *_composition measure in progress.csv')
   run_ids = list(runs) if runs is not None else sorted(
-      int(r) for r in progress.unique('run'))
+      int(r) for r in results.unique(progress, 'run'))
 
   per_measure: dict[str, dict[tuple[int, int, int, int],
                               dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
   for m in measures:
-    sub = progress.select({'measure': m})
+    sub = results.select(progress, {'measure': m})
     keys = {tuple(int(v) for v in k)
             for k in zip(sub['layer2'].tolist(), sub['head2'].tolist(),
                          sub['layer'].tolist(), sub['head'].tolist())}

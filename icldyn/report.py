@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from icldyn import results
 from icldyn.store import files
@@ -64,20 +65,20 @@ def _varying(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
           if len({results.value_key(r[n]) for r in rows}) > 1]
 
 
-def _summary_table(summary: results.Table, curve: str, estimator: str,
+def _summary_table(summary: pd.DataFrame, curve: str, estimator: str,
                    timing: str, max_rows: int) -> list[str] | None:
   """Per-setting rows from summary.csv, or None if it lacks the curve."""
-  sub = summary.select({'curve': curve, 'estimator': estimator})
+  sub = results.select(summary, {'curve': curve, 'estimator': estimator})
   if not len(sub):
     return None
   if 'timing' in sub:
-    available = [str(t) for t in sub.unique('timing')]
+    available = [str(t) for t in results.unique(sub, 'timing')]
     chosen = timing if timing in available else available[0]
-    sub = sub.select({'timing': chosen})
+    sub = results.select(sub, {'timing': chosen})
   else:
     chosen = timing
-  rows = sub.rows()
-  settings = _varying(rows, [n for n in sub.names
+  rows = results.rows(sub)
+  settings = _varying(rows, [n for n in list(sub.columns)
                              if n not in results.SUMMARY_COLUMNS])
   with_ci = 'ci_low' in sub and 'ci_high' in sub
   header = [_heading(s) for s in settings] + [
@@ -105,14 +106,14 @@ def _summary_table(summary: results.Table, curve: str, estimator: str,
   return lines
 
 
-def _phase_table(phase: results.Table, curve: str, estimator: str,
+def _phase_table(phase: pd.DataFrame, curve: str, estimator: str,
                  max_rows: int) -> list[str] | None:
   """Per-run rows from phase_changes.csv, or None if it lacks the curve."""
-  sub = phase.select({'curve': curve, 'estimator': estimator})
+  sub = results.select(phase, {'curve': curve, 'estimator': estimator})
   if not len(sub):
     return None
-  rows = sub.rows()
-  settings = _varying(rows, [n for n in sub.names if n != 'run' and n
+  rows = results.rows(sub)
+  settings = _varying(rows, [n for n in list(sub.columns) if n != 'run' and n
                              not in results.PHASE_COLUMNS and n
                              not in results.SEED_COLUMNS])
   crossed = (results.as_bool(sub['crossed']) if 'crossed' in sub

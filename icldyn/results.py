@@ -1,4 +1,4 @@
-"""Reading a workdir's CSV results into numpy columns, without JAX.
+"""Reading a workdir's CSV results into pandas DataFrames, without JAX.
 
 This module owns the host-side view of a finished (or running) workdir: it
 reads `config.json`, `runs.csv`, `metrics.csv` and the `analysis/` CSVs whose
@@ -7,13 +7,12 @@ plots and the report share (which settings vary, which runs differ only by
 seed, one time series per run). Every file is optional, so a workdir that is
 still training, or that was never analysed, loads as far as it goes.
 
-It deliberately imports only the standard library and numpy: plotting and
+It imports only the standard library, numpy and pandas: plotting and
 reporting run on machines (laptops, CI) where JAX is absent or slow to import.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -24,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from icldyn.store import files
 
@@ -36,79 +36,64 @@ PHASE_COLUMNS = files.TIMING_COLUMNS
 SUMMARY_COLUMNS = files.SUMMARY_COLUMNS
 
 _TRUE_STRINGS = frozenset({'true', '1', 'yes', 't', 'y'})
-_BOOL_STRINGS = frozenset({'true', 'false'})
 
 
-@dataclasses.dataclass(frozen=True)
-class Table:
-  """A CSV file held column by column.
+def read_table(path: str | pathlib.Path) -> pd.DataFrame | None:
+  """Reads a headed CSV file of a workdir into a DataFrame.
 
-  Numeric columns are float64 (empty cells become nan) or int64 when every
-  cell is an integer; `True`/`False` columns are bool; everything else is a
-  numpy string array. Columns keep the file's order.
+  Columns are typed by pandas (int64 when every cell is an integer, float64
+  with nan for empty cells, bool for True/False, else strings). Only empty
+  cells are missing values: a setting spelled `none` or `NA` stays a
+  string. Floats are parsed exactly (`float_precision='round_trip'`), so a
+  value read back equals the one written. A last line cut short by a run
+  still writing is padded with nan; a malformed line is skipped.
 
-  Attributes:
-    columns: column name -> array `[n_rows]`.
+  Args:
+    path: the CSV file.
+
+  Returns:
+    The table (possibly with zero rows), or None if the file does not exist
+    or has no header.
   """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return None
+  try:
+    return pd.read_csv(path, keep_default_na=False, na_values=[''],
+                       float_precision='round_trip', on_bad_lines='skip')
+  except pd.errors.EmptyDataError:
+    return None
 
-  columns: Mapping[str, np.ndarray]
 
-  def __len__(self) -> int:
-    for values in self.columns.values():
-      return len(values)
-    return 0
+def select(table: pd.DataFrame, conditions: Mapping[str, Any]) -> pd.DataFrame:
+  """The rows where every named column equals the given value (nan matches nan;
+  a column that is absent matches nothing)."""
+  keep = pd.Series(True, index=table.index)
+  for name, value in conditions.items():
+    if name not in table:
+      return table.iloc[:0]
+    column = table[name]
+    if isinstance(value, float) and math.isnan(value):
+      keep &= column.isna()
+    elif column.dtype == object and not isinstance(value, str):
+      keep &= column == str(value)
+    else:
+      keep &= column == value
+  return table[keep]
 
-  def __contains__(self, name: object) -> bool:
-    return name in self.columns
 
-  def __getitem__(self, name: str) -> np.ndarray:
-    return self.columns[name]
+def unique(table: pd.DataFrame | None, name: str) -> list[Any]:
+  """Distinct values of a column in order of first appearance (Python scalars;
+  one nan for every empty cell)."""
+  if table is None or name not in table:
+    return []
+  return table[name].drop_duplicates().tolist()
 
-  @property
-  def names(self) -> list[str]:
-    return list(self.columns)
 
-  def mask(self, conditions: Mapping[str, Any]) -> np.ndarray:
-    """Rows where every named column equals the given value.
-
-    Args:
-      conditions: column name -> value. A column that is absent matches
-        nothing.
-
-    Returns:
-      Boolean array `[n_rows]`.
-    """
-    keep = np.ones(len(self), dtype=bool)
-    for name, value in conditions.items():
-      if name not in self.columns:
-        return np.zeros(len(self), dtype=bool)
-      keep &= _equal(self.columns[name], value)
-    return keep
-
-  def take(self, rows: np.ndarray) -> Table:
-    """The sub-table at a boolean mask or an index array."""
-    return Table({k: v[rows] for k, v in self.columns.items()})
-
-  def select(self, conditions: Mapping[str, Any]) -> Table:
-    """The rows matching `conditions` (see `mask`)."""
-    return self.take(self.mask(conditions))
-
-  def rows(self) -> list[dict[str, Any]]:
-    """The table as a list of dicts of Python scalars."""
-    names = self.names
-    cols = [self.columns[n].tolist() for n in names]
-    return [dict(zip(names, values)) for values in zip(*cols)]
-
-  def unique(self, name: str) -> list[Any]:
-    """Distinct values of a column in order of first appearance."""
-    if name not in self.columns:
-      return []
-    seen: dict[Any, None] = {}
-    for value in self.columns[name].tolist():
-      key = value_key(value)
-      if key not in seen:
-        seen[key] = None
-    return list(seen)
+def rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+  """The table as a list of dicts of Python scalars."""
+  names = list(table.columns)
+  return [dict(zip(names, values)) for values in zip(*(table[n].tolist() for n in names))]
 
 
 # One shared nan object: dict lookups compare identity before equality, so
@@ -123,70 +108,6 @@ def value_key(value: Any) -> Any:
   return value
 
 
-def _equal(column: np.ndarray, value: Any) -> np.ndarray:
-  if column.dtype.kind == 'b' and isinstance(value, str):
-    return column == (value.strip().lower() in _TRUE_STRINGS)
-  if column.dtype.kind in 'fiu' and isinstance(value, str):
-    try:
-      value = float(value)
-    except ValueError:
-      return np.zeros(len(column), dtype=bool)
-  if column.dtype.kind == 'U' and not isinstance(value, str):
-    value = str(value)
-  if isinstance(value, float) and math.isnan(value):
-    return np.isnan(column) if column.dtype.kind == 'f' else np.zeros(
-        len(column), dtype=bool)
-  return np.asarray(column == value, dtype=bool)
-
-
-def _convert(values: list[str]) -> np.ndarray:
-  """Types one CSV column: int, float, bool or string, in that preference."""
-  stripped = [v.strip() for v in values]
-  try:
-    floats = np.array([v if v else 'nan' for v in stripped], dtype=np.float64)
-  except ValueError:
-    lowered = {v.lower() for v in stripped}
-    if lowered and lowered <= _BOOL_STRINGS:
-      return np.array([v.lower() == 'true' for v in stripped], dtype=bool)
-    return np.array(stripped, dtype=str)
-  # Only cells written as integers make an int column: '1.0' stays float.
-  integral = (bool(np.isfinite(floats).all())
-              and bool(np.all(floats == np.round(floats)))
-              and all('.' not in v and 'e' not in v.lower() for v in stripped))
-  if integral and floats.size and np.abs(floats).max() < 2**62:
-    return floats.astype(np.int64)
-  return floats
-
-
-def read_table(path: str | pathlib.Path) -> Table | None:
-  """Reads a headed CSV file into a `Table`.
-
-  Args:
-    path: the CSV file.
-
-  Returns:
-    The table (possibly with zero rows), or None if the file does not exist
-    or has no header.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    return None
-  with path.open(newline='') as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if not header:
-      return None
-    cells: list[list[str]] = [[] for _ in header]
-    for row in reader:
-      if not row:
-        continue
-      # A row cut short (a file still being written) is padded, not dropped,
-      # only if it has at least its first column.
-      for i, col in enumerate(cells):
-        col.append(row[i] if i < len(row) else '')
-  return Table({name: _convert(col) for name, col in zip(header, cells)})
-
-
 def to_int(value: Any, default: int) -> int:
   """`int(value)`, or `default` for a missing cell (None, nan, '')."""
   try:
@@ -195,21 +116,18 @@ def to_int(value: Any, default: int) -> int:
     return default
 
 
-def as_bool(column: np.ndarray) -> np.ndarray:
+def as_bool(column: pd.Series | np.ndarray) -> np.ndarray:
   """Interprets a `crossed`-style column (bool, 0/1 or strings) as bool.
-
-  Args:
-    column: array `[n]` of any dtype produced by `read_table`.
 
   Returns:
     Boolean array `[n]`; nan and unknown strings are False.
   """
-  if column.dtype.kind == 'b':
-    return column
-  if column.dtype.kind in 'fiu':
-    return np.nan_to_num(column.astype(np.float64), nan=0.0) != 0
-  return np.array([str(v).strip().lower() in _TRUE_STRINGS for v in column],
-                  dtype=bool)
+  values = np.asarray(column)
+  if values.dtype.kind == 'b':
+    return values
+  if values.dtype.kind in 'fiu':
+    return np.nan_to_num(values.astype(np.float64), nan=0.0) != 0
+  return np.array([str(v).strip().lower() in _TRUE_STRINGS for v in values], dtype=bool)
 
 
 @dataclasses.dataclass
@@ -230,11 +148,11 @@ class WorkdirData:
 
   path: pathlib.Path
   config: dict[str, Any] | None = None
-  runs: Table | None = None
-  metrics: Table | None = None
-  progress: Table | None = None
-  phase_changes: Table | None = None
-  summary: Table | None = None
+  runs: pd.DataFrame | None = None
+  metrics: pd.DataFrame | None = None
+  progress: pd.DataFrame | None = None
+  phase_changes: pd.DataFrame | None = None
+  summary: pd.DataFrame | None = None
 
   @property
   def task(self) -> dict[str, Any]:
@@ -250,14 +168,12 @@ class WorkdirData:
     facts = dict((self.config or {}).get('task') or {})
     metrics = self.metrics if self.metrics is not None and 'metric' in self.metrics else None
     if 'headline' not in facts:
-      curves = (list(self.phase_changes.unique('curve'))
-                if self.phase_changes is not None and 'curve' in self.phase_changes else [])
-      evals = [e for e in (metrics.unique('evaluator') if metrics is not None else [])
-               if e != 'train']
+      curves = unique(self.phase_changes, 'curve')
+      evals = [e for e in unique(metrics, 'evaluator') if e != 'train']
       facts['headline'] = curves[0] if curves else (f'{evals[0]}/loss' if evals else '')
     if 'induction_metric' not in facts:
-      heads = {str(m).rsplit('.h', 1)[0] for m in (metrics.unique('metric') if metrics is not None
-                                                  else []) if re.fullmatch(r'.+\.h\d+', str(m))}
+      heads = {str(m).rsplit('.h', 1)[0] for m in unique(metrics, 'metric')
+               if re.fullmatch(r'.+\.h\d+', str(m))}
       heads.discard('prev_token')
       facts['induction_metric'] = sorted(heads)[0] if heads else 'induction_strength'
     if 'data_axes' not in facts:
@@ -272,7 +188,7 @@ class WorkdirData:
     """Per-run setting columns of runs.csv (dotted names), in file order."""
     if self.runs is None:
       return []
-    return [n for n in self.runs.names if n not in RUN_META_COLUMNS]
+    return [n for n in self.runs.columns if n not in RUN_META_COLUMNS]
 
   def varying_settings(self, include_seeds: bool = False) -> list[str]:
     """Settings that take more than one value across the runs.
@@ -287,23 +203,23 @@ class WorkdirData:
       return []
     names = [n for n in self.setting_names()
              if include_seeds or n not in SEED_COLUMNS]
-    return [n for n in names if len(self.runs.unique(n)) > 1]
+    return [n for n in names if len(unique(self.runs, n)) > 1]
 
   def run_ids(self) -> list[int]:
     """Run indices from runs.csv, else those seen in metrics.csv."""
     for table in (self.runs, self.metrics, self.phase_changes, self.progress):
       if table is not None and 'run' in table:
-        return sorted(int(r) for r in table.unique('run'))
+        return sorted(int(r) for r in unique(table, 'run'))
     return []
 
   def run_settings(self, run: int) -> dict[str, Any]:
     """The settings of one run (empty if runs.csv is missing)."""
     if self.runs is None or 'run' not in self.runs:
       return {}
-    rows = self.runs.select({'run': run}).rows()
-    if not rows:
+    found = rows(select(self.runs, {'run': run}))
+    if not found:
       return {}
-    return {k: v for k, v in rows[0].items() if k not in RUN_META_COLUMNS}
+    return {k: v for k, v in found[0].items() if k not in RUN_META_COLUMNS}
 
   def setting_groups(self, runs: Iterable[int] | None = None
                      ) -> list[tuple[dict[str, Any], list[int]]]:
@@ -358,7 +274,7 @@ def load_workdir(workdir: str | pathlib.Path) -> WorkdirData:
   )
 
 
-def series_by_run(table: Table, conditions: Mapping[str, Any],
+def series_by_run(table: pd.DataFrame, conditions: Mapping[str, Any],
                   runs: Sequence[int] | None = None
                   ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
   """One `(step, value)` series per run from a long-format table.
@@ -374,23 +290,12 @@ def series_by_run(table: Table, conditions: Mapping[str, Any],
     run -> `(steps [n], values [n])`, sorted by step. Repeated steps (a run
     resumed from a checkpoint re-logs them) keep the last value written.
   """
-  sub = table.select(conditions)
-  if not len(sub):
-    return {}
-  run_col = sub['run'].astype(np.int64)
-  step_col = sub['step'].astype(np.float64)
-  value_col = sub['value'].astype(np.float64)
-  wanted = None if runs is None else set(int(r) for r in runs)
-  out = {}
-  for r in np.unique(run_col):
-    if wanted is not None and int(r) not in wanted:
-      continue
-    idx = np.nonzero(run_col == r)[0]
-    steps, values = step_col[idx], value_col[idx]
-    # Reverse before unique so that the last write of a step wins.
-    uniq, first = np.unique(steps[::-1], return_index=True)
-    out[int(r)] = (uniq, values[::-1][first])
-  return out
+  sub = select(table, conditions)
+  if runs is not None:
+    sub = sub[sub['run'].isin([int(r) for r in runs])]
+  sub = sub.drop_duplicates(['run', 'step'], keep='last').sort_values(['run', 'step'])
+  return {int(r): (g['step'].to_numpy(np.float64), g['value'].to_numpy(np.float64))
+          for r, g in sub.groupby('run', sort=True)}
 
 
 def stack_series(series: Sequence[tuple[np.ndarray, np.ndarray]]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from icldyn import plots
@@ -206,9 +207,9 @@ def test_read_table_types(grid):
   assert data.runs['run'].dtype == np.int64
   assert data.metrics['value'].dtype == np.float64
   assert data.phase_changes['crossed'].dtype == bool
-  single = np.char.endswith(data.progress['measure'], '_composition') == 0
-  assert np.isnan(data.progress['layer2'][single]).all()
-  assert not np.isnan(data.progress['layer2'][~single]).any()
+  single = ~data.progress['measure'].str.endswith('_composition')
+  assert data.progress['layer2'][single].isna().all()
+  assert not data.progress['layer2'][~single].isna().any()
   assert data.varying_settings() == ['data.burstiness']
   groups = data.setting_groups()
   assert [g for _, g in groups] == [[0, 1], [2, 3]]
@@ -216,9 +217,8 @@ def test_read_table_types(grid):
 
 
 def test_series_keeps_last_write_of_a_step():
-  table = results.Table({'step': np.array([1, 2, 2, 3]),
-                         'run': np.array([0, 0, 0, 0]),
-                         'value': np.array([1.0, 2.0, 5.0, 3.0])})
+  table = pd.DataFrame({'step': [1, 2, 2, 3], 'run': [0, 0, 0, 0],
+                        'value': [1.0, 2.0, 5.0, 3.0]})
   steps, values = results.series_by_run(table, {})[0]
   np.testing.assert_array_equal(steps, [1, 2, 3])
   np.testing.assert_array_equal(values, [1.0, 5.0, 3.0])
@@ -444,3 +444,86 @@ def test_workdir_without_task_facts_reads_them_from_its_tables(tmp_path):
   assert fig.axes[0].get_xlabel().endswith('num_train_classes')
   fig = plots.phase_curves_figure(old)
   assert not [l for ax in fig.axes for l in ax.lines if l.get_gid() == 'ref']
+
+
+# ----------------------------------------------------------------------------
+# The values drawn are the tables' values (read back from the artists and
+# compared with the CSV files parsed here with the csv module).
+
+
+def _csv(path: pathlib.Path) -> list[dict]:
+  with path.open(newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def _series(wd: pathlib.Path, run: int, evaluator: str, metric: str):
+  rows = [r for r in _csv(wd / 'metrics.csv') if int(r['run']) == run
+          and r['evaluator'] == evaluator and r['metric'] == metric]
+  return (np.array([int(r['step']) for r in rows]),
+          np.array([float(r['value']) for r in rows]))
+
+
+def _gid(ax, gid: str) -> list:
+  return [a for a in list(ax.lines) + list(ax.collections) if a.get_gid() == gid]
+
+
+def test_phase_curves_draw_the_metrics_and_the_phase_changes(one_run):
+  fig = plots.phase_curves_figure(one_run)
+  titles = [ax.get_title() for ax in fig.axes[:3]]
+  # Rows loss, acc; columns by evaluator (titles on the first row).
+  for row, evaluator, metric in ((0, 'fsl_train', 'loss'), (1, 'fsl_val_rl', 'acc')):
+    (line,) = _gid(fig.axes[3 * row + titles.index(evaluator)], 'curve')
+    steps, values = _series(one_run, 0, evaluator, metric)
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), values, rtol=1e-12)
+  # The dashed mark: the run's midpoint in phase_changes.csv.
+  (row,) = _csv(one_run / 'analysis' / 'phase_changes.csv')
+  (mark,) = _gid(fig.axes[titles.index('fsl_train')], 'phase')
+  assert list(mark.get_xdata()) == [float(row['midpoint'])] * 2
+  # The reference lines of the loss: ln 2 and 0.4 ln 2.
+  refs = sorted(l.get_ydata()[0] for l in _gid(fig.axes[1], 'ref'))
+  np.testing.assert_allclose(refs, [0.4 * math.log(2), math.log(2)])
+
+
+def test_phase_curves_draw_the_seed_mean_and_its_band(grid):
+  fig = plots.phase_curves_figure(grid, evaluators=['fsl_train'])
+  loss_ax = fig.axes[0]
+  curves, bands = _gid(loss_ax, 'curve'), _gid(loss_ax, 'band')
+  for runs, line, band in zip(([0, 1], [2, 3]), curves, bands):
+    stacked = np.stack([_series(grid, r, 'fsl_train', 'loss')[1] for r in runs])
+    steps = _series(grid, runs[0], 'fsl_train', 'loss')[0]
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), stacked.mean(0), rtol=1e-12)
+    # fill_between's polygon runs along the lower edge and back along the upper.
+    ys = band.get_paths()[0].vertices[:, 1]
+    np.testing.assert_allclose(ys.min(), stacked.min(), rtol=1e-12)
+    np.testing.assert_allclose(ys.max(), stacked.max(), rtol=1e-12)
+    for want in (stacked.min(0), stacked.max(0)):
+      assert all(np.isclose(ys, w, rtol=1e-12).any() for w in want)
+
+
+def test_progress_heads_draw_each_heads_metric(grid):
+  fig = plots.progress_heads_figure(grid)
+  rows = fig.axes
+  for run in range(4):
+    ind_ax = rows[2 * run]
+    heads = _gid(ind_ax, 'head')
+    assert len(heads) == HEADS
+    drawn = sorted((tuple(l.get_ydata()) for l in heads))
+    want = sorted(tuple(_series(grid, run, 'fsl_train', f'induction_strength.h{h}')[1])
+                  for h in range(HEADS))
+    np.testing.assert_allclose(np.array(drawn), np.array(want), rtol=1e-12)
+
+
+def test_timing_vs_data_draws_the_summary_means(clamped):
+  fig = plots.timing_vs_data_figure(clamped)
+  (ax,) = fig.axes
+  summary = _csv(clamped / 'analysis' / 'summary.csv')
+  lines = _gid(ax, 'timing')
+  assert len(lines) == 2
+  drawn = set()
+  for line in lines:
+    drawn |= set(zip(line.get_xdata().tolist(), line.get_ydata().tolist()))
+  want = {(float(r['data.num_train_classes']), float(r['mean'])) for r in summary
+          if r['mean'] not in ('', 'nan')}
+  assert drawn == want and len(want) == 5  # (1024, ablate) never crossed: not a point

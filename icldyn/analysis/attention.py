@@ -8,7 +8,6 @@ analysis evaluator (`fsl_train` for the few-shot task).
 
 from __future__ import annotations
 
-import csv
 import os
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from icldyn import config as config_lib
 from icldyn import model as model_lib
+from icldyn import results
 from icldyn.analysis import loader, measures
 from icldyn.store import files as wd_lib
 
@@ -33,11 +33,12 @@ def default_steps(workdir: str, run: int, steps: list[int]) -> list[int]:
   mid = None
   path = os.path.join(workdir, wd_lib.PHASE_CHANGES_CSV)
   curve = config_lib.task_of(loader.open_workdir(workdir).config).headline
-  if os.path.exists(path):
-    for r in csv.DictReader(open(path)):
-      if (r.get("run") == str(run) and r.get("curve") == curve
-          and r.get("estimator") == "threshold" and r.get("crossed", "").lower() == "true"):
-        mid = float(r["midpoint"])
+  table = results.read_table(path)
+  if table is not None and "crossed" in table:
+    hit = results.select(table, {"run": run, "curve": curve, "estimator": "threshold"})
+    hit = hit[results.as_bool(hit["crossed"])]
+    if len(hit):
+      mid = float(hit["midpoint"].iloc[-1])
   middle = steps[len(steps) // 2] if mid is None else min(steps, key=lambda s: abs(s - mid))
   return sorted({steps[0], middle, steps[-1]})
 

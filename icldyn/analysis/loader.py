@@ -11,7 +11,6 @@ one step by its global run index.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import json
 import os
@@ -22,8 +21,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import ml_collections
 import numpy as np
+import pandas as pd
 
 from icldyn import build
+from icldyn import results
 from icldyn import config as config_lib
 from icldyn.errors import ConfigError
 from icldyn.store import checkpoints as ckpt_lib
@@ -104,36 +105,30 @@ def read_metrics(path: str, keep=None) -> dict[tuple[str, str], dict[int, Curve]
 
   Args:
     path: the workdir.
-    keep: optional predicate `keep(evaluator, metric) -> bool` (reading only
-      what is needed keeps large files fast).
+    keep: optional predicate `keep(evaluator, metric) -> bool`, called once
+      per distinct pair in file order.
 
   Returns:
     {(evaluator, metric): {run: Curve}}; empty if there is no metrics.csv.
+    A step logged twice keeps its last value; a torn last line of an
+    interrupted run is dropped.
   """
-  file = os.path.join(path, wd_lib.METRICS_CSV)
-  if not os.path.isfile(file):
+  table = results.read_table(os.path.join(path, wd_lib.METRICS_CSV))
+  if table is None or table.empty:
     return {}
-  raw: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
-  decided: dict[tuple[str, str], bool] = {}
-  with open(file, newline="") as f:
-    reader = csv.reader(f)
-    next(reader, None)
-    for row in reader:
-      if len(row) != 5:
-        continue  # a torn last line of an interrupted run
-      key = (row[2], row[3])
-      ok = decided.get(key)
-      if ok is None:
-        ok = decided[key] = keep is None or bool(keep(*key))
-      if ok:
-        raw.setdefault(key, {}).setdefault(int(row[1]), {})[int(row[0])] = float(row[4])
-  out = {}
-  for key, runs in raw.items():
-    out[key] = {}
-    for run, pts in runs.items():
-      steps = np.asarray(sorted(pts), np.int64)
-      out[key][run] = Curve(steps, np.asarray([pts[s] for s in steps.tolist()], np.float64))
-  return out
+  table = table.dropna(subset=["step", "run", "evaluator", "metric"])
+  pairs = table[["evaluator", "metric"]].drop_duplicates().itertuples(index=False)
+  kept = [tuple(p) for p in pairs if keep is None or keep(*p)]
+  if not kept:
+    return {}
+  table = table[pd.MultiIndex.from_frame(table[["evaluator", "metric"]]).isin(kept)]
+  table = table.drop_duplicates(["evaluator", "metric", "run", "step"], keep="last")
+  out: dict[tuple[str, str], dict[int, Curve]] = {key: {} for key in kept}
+  for (evaluator, metric, run), g in table.sort_values("step").groupby(
+      ["evaluator", "metric", "run"], sort=False):
+    out[(evaluator, metric)][int(run)] = Curve(g["step"].to_numpy(np.int64),
+                                                g["value"].to_numpy(np.float64))
+  return {k: v for k, v in out.items() if v}
 
 
 # --------------------------------------------------------------------------
