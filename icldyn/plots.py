@@ -314,7 +314,7 @@ def phase_curves_figure(
     evaluators: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     runs: Sequence[int] | None = None,
-    estimator: str = 'threshold',
+    estimator: str = files.HEADLINE_ESTIMATOR,
     timing: str = 'midpoint',
     band: str | None = 'minmax',
 ) -> Figure | None:
@@ -670,7 +670,7 @@ def timing_vs_data_figure(
     data: WorkdirData | str | pathlib.Path,
     *,
     curve: str | None = None,
-    estimator: str = 'threshold',
+    estimator: str = files.HEADLINE_ESTIMATOR,
     timing: str = 'midpoint',
     axes: Sequence[str] | None = None,
     errors: str = 'std',

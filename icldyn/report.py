@@ -10,6 +10,7 @@ rendered by any markdown viewer. Like the plots, it never imports JAX.
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import logging
 import math
 import pathlib
@@ -82,7 +83,8 @@ def _summary_table(summary: pd.DataFrame, curve: str, estimator: str,
                              if n not in results.SUMMARY_COLUMNS])
   with_ci = 'ci_low' in sub and 'ci_high' in sub
   header = [_heading(s) for s in settings] + [
-      'crossed', f'{chosen} (mean ± std)'] + (['CI'] if with_ci else [])
+      'crossed', f'{estimator} {chosen} (mean ± std)'] + (
+          [f'{estimator} 95% CI'] if with_ci else [])
   body = []
   for row in rows[:max_rows]:
     n = results.to_int(row.get('n_seeds'), 1)
@@ -119,7 +121,7 @@ def _phase_table(phase: pd.DataFrame, curve: str, estimator: str,
   crossed = (results.as_bool(sub['crossed']) if 'crossed' in sub
              else np.ones(len(sub), dtype=bool))
   timings = [t for t in ('onset', 'midpoint', 'end') if t in sub]
-  header = ['run'] + [_heading(s) for s in settings] + timings
+  header = ['run'] + [_heading(s) for s in settings] + [f'{estimator} {t}' for t in timings]
   body = []
   for row, ok in zip(rows[:max_rows], crossed.tolist()):
     cells = [_cell(row.get('run', '–'))] + [_cell(row[s]) for s in settings]
@@ -133,6 +135,35 @@ def _phase_table(phase: pd.DataFrame, curve: str, estimator: str,
   if len(rows) > max_rows:
     lines += ['', f'({len(rows) - max_rows} more rows in the CSV.)']
   return lines
+
+
+def _grid_section(data: results.WorkdirData, max_rows: int) -> list[str]:
+  """The grid's axes and one row per run with the settings that vary."""
+  if data.runs is None or not len(data.runs):
+    return []
+  axes = list((data.config or {}).get('grid') or [])
+  lines = ['## Grid', '']
+  lines += [('Axes: ' + ', '.join(f'`{a}`' for a in axes)) if axes else
+            'Axes: none (one run).', '']
+  varying = data.varying_settings(include_seeds=True)
+  shown = ['run'] + varying + [c for c in ('group', 'status') if c in data.runs]
+  rows = results.rows(data.runs)
+  body = [[_cell(r.get(c, '–')) for c in shown] for r in rows[:max_rows]]
+  lines += _table(['run'] + [_heading(v) for v in varying] + shown[1 + len(varying):], body)
+  if len(rows) > max_rows:
+    lines += ['', f'({len(rows) - max_rows} more runs in runs.csv.)']
+  return lines + ['']
+
+
+def versions() -> str:
+  """The versions of icldyn and the libraries it computed with (without importing them)."""
+  out = []
+  for name in ('icldyn', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint'):
+    try:
+      out.append(f'{name} {importlib.metadata.version(name)}')
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return ', '.join(out)
 
 
 def _heading(setting: str) -> str:
@@ -168,7 +199,7 @@ def _runs_line(data: results.WorkdirData) -> str | None:
 def write_report(workdir: str | pathlib.Path, *,
                  figures: Sequence[str | pathlib.Path] | None = None,
                  curve: str | None = None,
-                 estimator: str = 'threshold',
+                 estimator: str = files.HEADLINE_ESTIMATOR,
                  timing: str = 'midpoint',
                  max_rows: int = 200) -> pathlib.Path:
   """Writes `DIR/report.md`.
@@ -191,6 +222,7 @@ def write_report(workdir: str | pathlib.Path, *,
   runs_line = _runs_line(data)
   if runs_line:
     lines += [runs_line, '']
+  lines += _grid_section(data, max_rows)
 
   curve = curve or data.task['headline']
   lines += ['## Phase-change times', '',
@@ -224,6 +256,7 @@ def write_report(workdir: str | pathlib.Path, *,
     caption = CAPTIONS.get(path.stem, path.stem.replace('_', ' '))
     lines += [f'![{path.stem}]({rel})', '', f'*{caption}*', '']
 
+  lines += ['## Versions', '', f'Written with {versions()}.', '']
   out = root / REPORT_NAME
   root.mkdir(parents=True, exist_ok=True)
   out.write_text('\n'.join(lines).rstrip() + '\n')

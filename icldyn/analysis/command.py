@@ -385,7 +385,9 @@ def _fmt_time(v: float) -> str:
   return "-" if not math.isfinite(v) else f"{v:.3g}"
 
 
-ORDER_BY = ("logistic", "steepest", "threshold")  # which estimator's midpoint orders events
+# Which estimator's midpoint orders the events and gives the CI: the headline one first.
+ORDER_BY = (wd_lib.HEADLINE_ESTIMATOR,) + tuple(
+    e for e in ("logistic", "steepest", "threshold") if e != wd_lib.HEADLINE_ESTIMATOR)
 
 
 def events_table(summary: list[dict[str, Any]], settings: Sequence[str], varying: Sequence[str],
@@ -430,21 +432,25 @@ def events_table(summary: list[dict[str, Any]], settings: Sequence[str], varying
         if math.isfinite(r["std"]):
           cell += f" ± {_fmt_time(r['std'])}"
         cells.append(cell)
-      first = next((per_est[e] for e in ORDER_BY if e in per_est
+      first = next(((e, per_est[e]) for e in ORDER_BY if e in per_est
                     and math.isfinite(per_est[e]["mean"])), None)
-      cells.append(f"[{_fmt_time(first['ci_low'])}, {_fmt_time(first['ci_high'])}]"
-                   if first and math.isfinite(first["ci_low"]) else "")
+      if first and math.isfinite(first[1]["ci_low"]):
+        ci = f"[{_fmt_time(first[1]['ci_low'])}, {_fmt_time(first[1]['ci_high'])}]"
+        cells.append(ci if first[0] == ORDER_BY[0] else f"{ci} ({first[0]})")
+      else:
+        cells.append("")
       lines.append(cells)
     if not shown:
       lines.append([label, "(no transition)"] + [""] * (len(ests) + 1))
-  header = ["setting", "curve", *ests, "95% CI"]
+  header = ["setting", "curve", *ests, f"{ORDER_BY[0]} 95% CI"]
   cut = max(0, len(lines) - max_lines)
   lines = lines[:max_lines]
   widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
   fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-  text = ["Phase changes: midpoint in training sequences, as seeds crossed/seeds and mean "
-          "± std over the seeds that crossed; in order of the " + "/".join(ORDER_BY) +
-          " midpoint (its bootstrap 95% CI last)", fmt(header)]
+  text = ["Phase changes: midpoint in training sequences by estimator (columns), as seeds "
+          "crossed/seeds and mean ± std over the seeds that crossed; in order of the "
+          f"{ORDER_BY[0]} midpoint, with its bootstrap 95% CI last (the estimator report.md "
+          "and the figures show)", fmt(header)]
   text += [fmt(l) for l in lines]
   if cut:
     text.append(f"... {cut} more lines in analysis/summary.csv")
