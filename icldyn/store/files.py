@@ -188,6 +188,16 @@ class MetricsFile:
     faults.hit("after_metrics")
 
 
+def _hparam(value: str) -> bool | int | float | str:
+  """A runs.csv cell as the typed value TensorBoard's HParams view sorts by."""
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return {"True": True, "False": False}.get(value, value)
+
+
 def tensorboard_tag(tag: str) -> str:
   """The tag as TensorBoard accepts it: characters outside [A-Za-z0-9_./-]
   become '_' (`fsl_train@keep_head_3/loss` -> `fsl_train_keep_head_3/loss`),
@@ -196,13 +206,73 @@ def tensorboard_tag(tag: str) -> str:
 
 
 class TensorBoard:
-  """One tensorboardX writer per run under `tb/run_{i}`, opened lazily."""
+  """One tensorboardX writer per run under `tb/run_{i}[,name=value...]`, opened lazily.
+
+  TensorBoard shows a run by its directory, so each run's directory names
+  the settings the grid varies (`run_3,init=1,num_labels=5`; the last part
+  of each dotted name; just `run_{i}` for a grid of one). Each run also
+  carries its settings in TensorBoard's hyperparameter view (HParams, with
+  the task's headline metric and the training loss as its metrics) and the
+  resolved config as text. Both come from the workdir's `runs.csv` and
+  `config.json`, which training writes before the first evaluation. A
+  workdir written before runs were named keeps its `run_{i}` directories.
+  """
 
   def __init__(self, root: str):
     self.root = root
     self.writers: dict[int, Any] = {}
     self.purge_from: dict[int, int] = {}
     self.opened = 0
+    self.described: set[int] = set()
+    self.names: dict[int, str] | None = None
+    self.settings: dict[int, dict[str, Any]] = {}
+
+  def run_dir(self, run: int) -> str:
+    """The directory of a run's events."""
+    old = os.path.join(self.root, f"run_{run}")
+    if os.path.isdir(old):
+      return old
+    if self.names is None:
+      self.names = self.read_names()
+    return os.path.join(self.root, self.names.get(run, f"run_{run}"))
+
+  def read_names(self) -> dict[int, str]:
+    """{run: directory name} from runs.csv and config.json's grid axes."""
+    workdir = os.path.dirname(os.path.abspath(self.root))
+    try:
+      rows = read_csv(os.path.join(workdir, RUNS_CSV))
+      with open(os.path.join(workdir, CONFIG_JSON)) as f:
+        axes = json.load(f).get("grid") or []
+    except (OSError, ValueError):
+      return {}
+    fields = [a.split("=", 1)[0] for a in axes]
+    fields = [x for f in fields for x in f.split("+")]  # zipped axes
+    names = {}
+    for row in rows:
+      run = int(row["run"])
+      self.settings[run] = {k: v for k, v in row.items() if k not in RUNS_BOOKKEEPING}
+      parts = [f"{f.rsplit('.', 1)[-1]}={row[f]}" for f in fields if f in row]
+      names[run] = ",".join([f"run_{run}"] + [re.sub(r"[^\w.=+-]", "_", p) for p in parts])
+    return names
+
+  def describe(self, run: int, writer) -> None:
+    """The run's settings as HParams and the resolved config as text (once per run)."""
+    from tensorboardX.summary import hparams
+    self.described.add(run)
+    workdir = os.path.dirname(os.path.abspath(self.root))
+    try:
+      with open(os.path.join(workdir, CONFIG_JSON)) as f:
+        resolved = json.load(f)
+    except (OSError, ValueError):
+      return
+    if self.names is None:
+      self.names = self.read_names()
+    settings = {k: _hparam(v) for k, v in self.settings.get(run, {}).items()}
+    headline = (resolved.get("task") or {}).get("headline") or "train/loss"
+    metrics = {tensorboard_tag(t): math.nan for t in dict.fromkeys([headline, "train/loss"])}
+    for summary in hparams(settings, metrics):
+      writer.file_writer.add_summary(summary)
+    writer.add_text("config", "```\n" + json.dumps(resolved, indent=1) + "\n```", 0)
 
   def resume(self, runs: Iterable[int], step: int) -> None:
     """Hides, in TensorBoard, the events of `runs` at steps >= `step` left by an earlier process.
@@ -211,9 +281,10 @@ class TensorBoard:
     marker (tensorboardX `purge_step`). Only runs with earlier logs get one.
     """
     for run in runs:
-      d = os.path.join(self.root, f"run_{run}")
+      d = self.run_dir(run)
       if os.path.isdir(d) and os.listdir(d):
         self.purge_from[run] = step
+        self.described.add(run)  # described when its first events were written
 
   def scalars(self, run: int, values: Mapping[str, float], step: int) -> None:
     """Logs `{tag: value}` of one run at one step (non-finite values skipped).
@@ -227,9 +298,11 @@ class TensorBoard:
       from tensorboardX import SummaryWriter
       # A unique suffix per writer: tensorboardX names files by the second and opens them 'wb'.
       self.opened += 1
-      self.writers[run] = SummaryWriter(os.path.join(self.root, f"run_{run}"),
+      self.writers[run] = SummaryWriter(self.run_dir(run),
                                         purge_step=self.purge_from.get(run),
                                         filename_suffix=f".{os.getpid()}.{self.opened:06d}")
+      if run not in self.described:
+        self.describe(run, self.writers[run])
     summary = Summary(value=[Summary.Value(tag=tensorboard_tag(tag), simple_value=v)
                              for tag, v in values.items() if math.isfinite(v)])
     if summary.value:
