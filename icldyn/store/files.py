@@ -37,6 +37,8 @@ PROGRESS_CSV = os.path.join(ANALYSIS_DIR, "progress.csv")
 PHASE_CHANGES_CSV = os.path.join(ANALYSIS_DIR, "phase_changes.csv")
 SUMMARY_CSV = os.path.join(ANALYSIS_DIR, "summary.csv")
 ATTENTION_NPZ = os.path.join(ANALYSIS_DIR, "attention_patterns.npz")
+PATCHING_CSV = os.path.join(ANALYSIS_DIR, "patching.csv")  # icldyn patch (icldyn.patching)
+CIRCUIT_CSV = os.path.join(ANALYSIS_DIR, "circuit.csv")
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
 LOCK = ".lock"
@@ -49,6 +51,10 @@ METRICS_HEADER = ("step", "run", "evaluator", "metric", "value")
 # runs.csv: these, then every per-run setting, `clamps`, `status`, `diverged_step`.
 RUNS_BOOKKEEPING = ("run", "group", "group_index", "status", "diverged_step")
 PROGRESS_COLUMNS = ("step", "run", "measure", "layer", "head", "layer2", "head2", "value")
+# analysis/patching.csv: one path-patching effect (or an unpatched run's metric) per row.
+PATCHING_COLUMNS = ("step", "run", "sender", "receiver", "input", "metric", "value")
+# analysis/circuit.csv: circuit scores per checkpoint (layer, head set for per-node minimality).
+CIRCUIT_COLUMNS = ("step", "run", "score", "layer", "head", "value")
 # phase_changes.csv: `run`, every setting of runs.csv, then these.
 TIMING_COLUMNS = ("curve", "estimator", "onset", "midpoint", "end", "crossed", "fit_r2")
 # summary.csv: the setting columns, then these.
