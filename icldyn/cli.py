@@ -3,8 +3,9 @@
     icldyn train   --config STUDY.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]
                    [--grid FIELD=V1,V2,... ...] [--quiet] [--overwrite]
     icldyn analyze --workdir DIR [--measures M,...] [--curve EVALUATOR/METRIC ...]
+    icldyn patch   --workdir DIR [--corruption NAME] [--senders ...] [--receivers ...] [--inputs q,k,v]
     icldyn densify --workdir DIR [--window auto|START:END] [--num N]
-    icldyn plot    --workdir DIR [--pdf]
+    icldyn plot    --workdir DIR [--pdf] [--runs R1,R2] [--steps S1,S2]
     icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
     icldyn toy     --config toy[:smoke] --workdir DIR
     icldyn list                              the bundled studies and their variants
@@ -99,6 +100,9 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   t.add_argument("--quiet", action="store_true", help="no progress lines")
   t.add_argument("--overwrite", action="store_true",
                  help="replace a workdir that holds a different config")
+  t.add_argument("--local-processes", type=int, default=0, metavar="N",
+                 help="start N processes of one grid on this host (jax.distributed; for "
+                      "testing the multi-process path; README 'Several processes and hosts')")
 
   a = sub.add_parser("analyze", help="progress measures and phase-change timing of a workdir",
                      formatter_class=raw, epilog=_analyze_epilog() if epilogs else None)
@@ -109,6 +113,25 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   a.add_argument("--curve", action="append", default=[],
                  help="EVALUATOR/METRIC[:up|down[:LEVEL[:CLIP]]] to time (grammar below)")
   a.add_argument("--quiet", action="store_true")
+
+  pa = sub.add_parser("patch", help="path patching at every checkpoint, edge timing, circuit "
+                      "scores (analysis/patching.csv, circuit.csv)")
+  pa.add_argument("--workdir", required=True, help="a workdir written by icldyn train")
+  pa.add_argument("--corruption", default=None,
+                  help="the task's corrupted input (few-shot: permute_labels, query_class; "
+                       "tokens: break_copies, resample; default: the first)")
+  pa.add_argument("--senders", default=None, metavar="L0H3,L1H*", help="default: every head")
+  pa.add_argument("--receivers", default=None, metavar="L1H*", help="default: every head")
+  pa.add_argument("--inputs", default="q,k,v", help="receiver inputs (default q,k,v)")
+  pa.add_argument("--circuit", default=None, metavar="L0H3->L1H5.k,L1H5->logits",
+                  help="the circuit's edges (default: edges whose final effect is at least "
+                       "--threshold of the largest)")
+  pa.add_argument("--threshold", type=float, default=0.2)
+  pa.add_argument("--size", type=int, default=128, help="sequences per run (default 128)")
+  pa.add_argument("--direction", default="noising", choices=["noising", "denoising"])
+  pa.add_argument("--ablation", default="mean", choices=["mean", "zero"])
+  pa.add_argument("--no-scores", action="store_true", help="skip the circuit scores")
+  pa.add_argument("--quiet", action="store_true")
 
   dn = sub.add_parser("densify", help="re-run around each transition, saving dense checkpoints")
   dn.add_argument("--workdir", required=True)
@@ -121,6 +144,11 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   pl = sub.add_parser("plot", help="figures and report.md of a workdir")
   pl.add_argument("--workdir", required=True)
   pl.add_argument("--pdf", action="store_true", help="also write PDF figures")
+  pl.add_argument("--runs", default=None, metavar="R1,R2",
+                  help="runs whose attention patterns to draw (default: run 0)")
+  pl.add_argument("--steps", default=None, metavar="S1,S2",
+                  help="checkpoints (training sequences) of the attention patterns (default: "
+                       "first, nearest the phase change, last)")
 
   d = sub.add_parser("demo", help="train, analyse and plot the default demo")
   d.add_argument("--workdir", default="runs/demo")
@@ -154,6 +182,10 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def cmd_train(args, overrides: list[str]) -> int:
+  from icldyn import distributed
+  if args.local_processes:
+    return distributed.launch_local(sys.argv[1:], args.local_processes)
+  distributed.initialize()  # before anything starts JAX's back end
   from icldyn import config as config_lib
   from icldyn import runner, studies
   cfg = studies.load(args.config)
@@ -170,6 +202,20 @@ def cmd_train(args, overrides: list[str]) -> int:
   except runner.WorkdirError as e:
     print(f"icldyn: error: {e}", file=sys.stderr)
     return EXIT_IO
+  except distributed.PeerLost as e:
+    print(f"icldyn: error: {e}; the workdir is resumable: start every process again with the "
+          "same command", file=sys.stderr, flush=True)
+    # Not sys.exit: JAX's shutdown at exit would wait for the lost process, then abort.
+    os._exit(distributed.EXIT_PEER_LOST)
+  except Exception as e:
+    if isinstance(e, ConfigError) or distributed.process_count() == 1:
+      raise  # every process raises the same ConfigError: all end together
+    # One process failing alone: end it at once, so the others' next exchange
+    # fails (PeerLost, exit 75) instead of all waiting on JAX's shutdown barrier.
+    import traceback
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
   n_div = len(summary["diverged"])
   print(f"icldyn: trained {summary['num_runs']} run(s) in {summary['seconds']:.0f}s; "
         f"{n_div} diverged{' ' + str(summary['diverged']) if n_div else ''}; "
@@ -184,6 +230,27 @@ def cmd_analyze(args) -> int:
   return 0
 
 
+def cmd_patch(args) -> int:
+  from icldyn.patching import command
+  if args.size < 1:
+    raise ConfigError("--size", f"must be at least 1, got {args.size}")
+  command.patch(args.workdir, args.corruption, args.senders, args.receivers, args.inputs,
+                circuit=args.circuit, threshold=args.threshold, size=args.size,
+                direction=args.direction, ablation=args.ablation, scores=not args.no_scores,
+                quiet=args.quiet)
+  return 0
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+  """'1,2,3' as [1, 2, 3] (None stays None); ConfigError naming the flag otherwise."""
+  if text is None:
+    return None
+  try:
+    return [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(flag, f"expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_plot(args) -> int:
   from icldyn import pipeline, plots, report
   from icldyn.store import files
@@ -193,7 +260,8 @@ def cmd_plot(args) -> int:
     if not os.path.isfile(os.path.join(args.workdir, name)):  # refuse before writing anything
       raise ConfigError("--workdir", f"{args.workdir} has no {name}; is it an icldyn train "
                         "workdir?")
-  pipeline.attention_patterns(args.workdir)
+  pipeline.attention_patterns(args.workdir, _int_list(args.runs, "--runs"),
+                              _int_list(args.steps, "--steps"))
   paths = plots.make_all(args.workdir, pdf=args.pdf)
   rep = report.write_report(args.workdir)
   print(f"icldyn: wrote {len(paths)} figure(s) under {os.path.join(args.workdir, 'plots')} "
@@ -259,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         a in ("-h", "--help") for a in rest)
     args = _parser(epilogs=wants_help).parse_args(rest)
     _setup_logging(getattr(args, "quiet", False))
-    if args.command in ("train", "demo", "paper", "analyze", "densify"):
+    if args.command in ("train", "demo", "paper", "analyze", "densify", "patch"):
       _enable_compilation_cache()
     if overrides and args.command != "train":
       raise ConfigError(overrides[0].split("=")[0], "--config.FIELD overrides apply to train only")
@@ -267,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train(args, overrides)
     if args.command == "analyze":
       return cmd_analyze(args)
+    if args.command == "patch":
+      return cmd_patch(args)
     if args.command == "plot":
       return cmd_plot(args)
     if args.command == "list":

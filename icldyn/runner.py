@@ -20,6 +20,9 @@ Reliability (docs/bad_inputs.md, tests/test_reliability.py):
   with a resume checkpoint (`Preempted`); a second one stops at once.
 - Disk full / unwritable: `WorkdirError`, the checkpoints written before intact.
 - One process per workdir: an flock on `DIR/.lock`.
+- Several processes (`icldyn.distributed`): every process steps the runs on
+  its own devices; they agree between chunks whether to stop, and process 0
+  alone writes the workdir, from values gathered at events.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 from icldyn import build
 from icldyn import clamps as clamps_lib
 from icldyn import config as config_lib
+from icldyn import distributed
 from icldyn import faults
 from icldyn import group as group_lib
 from icldyn import sharding as sharding_lib
@@ -223,6 +227,7 @@ class _StopFlag:
 
   def __init__(self):
     self.signum = None
+    self.agreed = None  # the signal every process agreed on at the last `sync`
     self._old = {}
 
   def __enter__(self):
@@ -250,13 +255,35 @@ class _StopFlag:
   def __exit__(self, *exc):
     self._restore()
 
+  def sync(self) -> bool:
+    """Whether to stop now; with several processes, the same answer on every one
+    (a signal to any process stops them all at the same step)."""
+    self.agreed = distributed.first_signal(self.signum)
+    return self.agreed is not None
+
+  def stopping(self) -> bool:
+    """With one process, whether a signal has arrived; with several, the last `sync`'s answer
+    (a signal since then is seen at the next `sync`, so the processes never disagree)."""
+    if distributed.process_count() == 1:
+      return self.signum is not None
+    return self.agreed is not None
+
   def preempted(self, where: str, saved: bool = True) -> Preempted:
-    return Preempted(f"stopped by {signal.Signals(self.signum).name} {where}"
+    signum = self.agreed if self.agreed is not None else self.signum
+    return Preempted(f"stopped by {signal.Signals(signum).name} {where}"
                      + (", after writing a resume checkpoint" if saved else ""))
 
 
 def threading_main() -> bool:
   return threading.current_thread() is threading.main_thread()
+
+
+class _Elsewhere:
+  """Stands in for a workdir writer (metrics, TensorBoard, checkpoints) on processes
+  other than process 0, which writes the workdir alone: every call does nothing."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
 
 
 # --------------------------------------------------------------------------
@@ -282,14 +309,20 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
     ConfigError: bad input (nothing written).
     Preempted: stopped by a signal after saving a resume checkpoint.
     WorkdirError: the workdir could not be written (earlier checkpoints intact).
+    distributed.PeerLost: another process of a multi-process grid stopped
+      (the workdir is resumable).
   """
-  sharding_lib.maybe_initialize_distributed()
+  distributed.initialize()
+  quiet = quiet or not distributed.is_primary()  # one progress line, process 0's
   t0 = time.time()
   status: dict[int, tuple[str, int]] = {}
   with _StopFlag() as stop:
     prepared = build.prepare(cfg, axes)
-    resuming = check_workdir(workdir, prepared, overwrite)
-    if stop.signum is not None:
+    # Process 0 checks the workdir (the others may not see it); every process
+    # gets its verdict, or the same error, after comparing configs.
+    resuming = distributed.agree_start(lambda: check_workdir(workdir, prepared, overwrite),
+                                       prepared.resolved())
+    if stop.sync():
       raise stop.preempted("before training began", saved=False)
     try:
       with _Lock(workdir):
@@ -303,7 +336,7 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
       raise WorkdirError(f"{what}; everything written before is intact: free space or fix "
                          "permissions, then run the same command to resume") from e
   diverged = sorted(r for r, (s, _) in status.items() if s == "diverged")
-  if diverged:
+  if diverged and not quiet:
     log.warning("%d of %d runs diverged (run: sequences) %s; runs.csv marks them", len(diverged),
                 prepared.num_runs, ", ".join(f"{r}: {status[r][1]}" for r in diverged))
   return {"num_runs": prepared.num_runs, "diverged": diverged,
@@ -313,22 +346,30 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
 
 def _train_all(prepared: build.Prepared, workdir: str, resuming: bool, quiet: bool, stop: _StopFlag,
                status: dict[int, tuple[str, int]]) -> None:
-  """Writes the workdir's files and trains every group, filling `status` per run."""
-  wd_lib.remove_stale_tmp(workdir)
-  if not resuming:
-    _clear_workdir(workdir)
-    wd_lib.write_json(os.path.join(workdir, wd_lib.CONFIG_JSON), prepared.resolved())
+  """Writes the workdir's files and trains every group, filling `status` per run.
+
+  Only process 0 writes; the other processes train their runs beside it.
+  """
+  primary = distributed.is_primary()
   runs_path = os.path.join(workdir, wd_lib.RUNS_CSV)
-  wd_lib.write_runs(runs_path, run_rows(prepared, _read_status(workdir)))
-  metrics = wd_lib.MetricsFile(os.path.join(workdir, wd_lib.METRICS_CSV))
-  tb = wd_lib.TensorBoard(os.path.join(workdir, wd_lib.TB_DIR))
+  if primary:
+    wd_lib.remove_stale_tmp(workdir)
+    if not resuming:
+      _clear_workdir(workdir)
+      wd_lib.write_json(os.path.join(workdir, wd_lib.CONFIG_JSON), prepared.resolved())
+    wd_lib.write_runs(runs_path, run_rows(prepared, _read_status(workdir)))
+    metrics = wd_lib.MetricsFile(os.path.join(workdir, wd_lib.METRICS_CSV))
+    tb = wd_lib.TensorBoard(os.path.join(workdir, wd_lib.TB_DIR))
+  else:
+    metrics = tb = _Elsewhere()
   try:
     for pg in prepared.groups:
-      if stop.signum is not None:
+      if stop.sync():
         raise stop.preempted(f"before group {pg.group.index + 1}/{len(prepared.groups)}",
                              saved=False)
       status.update(_train_group(pg, prepared, workdir, metrics, tb, quiet, stop))
-      wd_lib.write_runs(runs_path, run_rows(prepared, {**_read_status(workdir), **status}))
+      if primary:
+        wd_lib.write_runs(runs_path, run_rows(prepared, {**_read_status(workdir), **status}))
   finally:
     try:
       tb.close()
@@ -337,9 +378,13 @@ def _train_all(prepared: build.Prepared, workdir: str, resuming: bool, quiet: bo
 
 
 def _restore(store: ckpt_lib.Store, like: dict, label: str) -> dict | None:
-  """The newest intact resume state of a group (or None), reporting damaged ones."""
+  """The newest intact resume state of a group (or None), reporting damaged ones.
+
+  `like` has the group's runs unpadded; a state written padded (before resume
+  states were stored unpadded) is trimmed to them.
+  """
   try:
-    step, restored, damaged = store.restore_latest_state(like)
+    step, restored, damaged = store.restore_latest_state(like, trim_runs=True)
   except ckpt_lib.CheckpointMismatch as e:
     raise ConfigError("--workdir", f"{e}; resume with the icldyn version that wrote it, or "
                       "start over with --overwrite") from e
@@ -356,7 +401,7 @@ def _train_group(pg: build.PreparedGroup, prepared: build.Prepared, workdir: str
                  metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool,
                  stop: _StopFlag) -> dict[int, tuple[str, int]]:
   """Trains (or resumes) one compile group; returns {run: (status, diverged sequences)}."""
-  store = ckpt_lib.Store(workdir, pg.group.index)
+  store = ckpt_lib.Store(workdir, pg.group.index) if distributed.is_primary() else _Elsewhere()
   try:
     return _GroupRun(pg, prepared, store, metrics, tb, quiet, stop).run()
   finally:
@@ -386,14 +431,24 @@ class _GroupRun:
   def run(self) -> dict[int, tuple[str, int]]:
     tc = time.time()
     self.state = self.placed.initial_state()
+    self.owner = distributed.owners(self.state.diverged)  # the process stepping each run
     self.acc = group_lib.empty_accumulator(self.rp)
     t = 0
     # Everything up to and including a resume checkpoint's step was written
-    # before it; everything after is dropped here and redone.
-    restored = _restore(self.store, group_lib.resume_tree(self.state, self.acc, 0), self.label)
+    # before it; everything after is dropped here and redone. Resume states
+    # hold the runs unpadded, so any device or process count can resume them:
+    # process 0 reads it and hands it to the others.
+    like = group_lib.resume_tree(
+        jax.tree.map(lambda x: np.zeros((self.r,) + x.shape[1:], x.dtype), self.state),
+        group_lib.empty_accumulator(self.r), 0)
+    restored = _restore(self.store, like, self.label) if distributed.is_primary() else None
+    restored = distributed.broadcast_tree(restored, like)
     if restored is not None:
-      self.state = self.placed.shard(restored["state"])
-      self.acc = group_lib.accumulator_of(restored)
+      self.state = self.placed.shard(sharding_lib.pad_runs(restored["state"], self.r, self.rp))
+      acc = group_lib.accumulator_of(restored)
+      padded = sharding_lib.pad_runs({"loss": acc["loss"], "grad_norm": acc["grad_norm"]},
+                                     self.r, self.rp)
+      self.acc = {**padded, "count": acc["count"]}
       t = self.saved_at = int(restored["t"])
     kept = t * self.batch if t > 0 else -1
     self.metrics.truncate_after(set(self.g.runs), kept)
@@ -409,7 +464,7 @@ class _GroupRun:
               f"{self.placed.mesh.devices.size} device(s), compiled in {time.time() - tc:.1f}s",
               file=sys.stderr, flush=True)
       self._loop(t)
-    div = jax.device_get((self.state.diverged, self.state.diverged_step))
+    div = distributed.to_host((self.state.diverged, self.state.diverged_step))
     return {run: ("diverged", int(div[1][i]) * self.batch) if div[0][i] else ("done", -1)
             for i, run in enumerate(self.g.runs)}
 
@@ -422,11 +477,12 @@ class _GroupRun:
     for nxt in self.events:
       if nxt <= t:
         continue
-      while t < nxt and self.stop.signum is None:
+      while t < nxt and not self.stop.sync():
         n = min(self.static.scan_steps, nxt - t)
         self.state, (losses, gnorms) = self.chunk_c(self.state, self.placed.props,
                                                     self.placed.table, t, n)
-        losses, gnorms = jax.device_get((losses, gnorms))
+        # This process's runs only: the sums of the others' stay with them until an event.
+        losses, gnorms = distributed.local_part(losses), distributed.local_part(gnorms)
         self.acc["loss"] = self.acc["loss"] + np.sum(losses[:n].astype(np.float64), axis=0)
         self.acc["grad_norm"] = self.acc["grad_norm"] + np.sum(gnorms[:n].astype(np.float64), axis=0)
         self.acc["count"] += n
@@ -435,7 +491,7 @@ class _GroupRun:
         faults.hit("after_chunk")
       if t == nxt:
         self._events(t)
-      if self.stop.signum is not None and t < self.total:
+      if self.stop.stopping() and t < self.total:
         if t > 0 and self.saved_at != t:
           self._save_resume(t)
         raise self.stop.preempted(f"at {t * self.batch} sequences", saved=t > 0)
@@ -446,10 +502,11 @@ class _GroupRun:
     g, r, batch = self.g, self.r, self.batch
     if t in self.evals:
       rows = []
-      out = jax.device_get(self.eval_c(self.state, self.placed.props, self.placed.table))
+      out = distributed.to_host(self.eval_c(self.state, self.placed.props, self.placed.table))
       if t > 0 and self.acc["count"] > 0:
-        out["train"] = {"loss": self.acc["loss"] / self.acc["count"],
-                        "grad_norm": self.acc["grad_norm"] / self.acc["count"]}
+        acc = self._merged_acc()
+        out["train"] = {"loss": acc["loss"] / acc["count"],
+                        "grad_norm": acc["grad_norm"] / acc["count"]}
         self.acc = group_lib.empty_accumulator(self.rp)
       per_run = [{} for _ in g.runs]
       for ev in sorted(out):
@@ -466,11 +523,22 @@ class _GroupRun:
       if metric in out.get(ev, {}):
         self.last_loss = float(np.mean(np.asarray(out[ev][metric])[:r]))
     if t in self.ckpts and t > 0:
-      self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], self.state.params))
+      params = distributed.to_host(self.state.params)
+      self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], params))
     if t in self.resumes and t > 0:
       self._save_resume(t)
 
   def _save_resume(self, t: int) -> None:
     self.tb.flush()  # TensorBoard events up to t reach the disk before the state that skips them
-    self.store.save_state(t * self.batch, group_lib.resume_tree(self.state, self.acc, t))
+    r = self.r
+    state = jax.tree.map(lambda x: x[:r], distributed.to_host(self.state))
+    acc = self._merged_acc()
+    acc = {"loss": acc["loss"][:r], "grad_norm": acc["grad_norm"][:r], "count": acc["count"]}
+    self.store.save_state(t * self.batch, group_lib.resume_tree(state, acc, t))
     self.saved_at = t
+
+  def _merged_acc(self) -> dict:
+    """The training-loss sums of every run (each summed by the process stepping it)."""
+    return {"loss": distributed.merge_runs(self.acc["loss"], self.owner),
+            "grad_norm": distributed.merge_runs(self.acc["grad_norm"], self.owner),
+            "count": self.acc["count"]}

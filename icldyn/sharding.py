@@ -19,16 +19,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 RUN_AXIS = "runs"
 
 
-def maybe_initialize_distributed() -> None:
-  """Initialises multi-host JAX when the launcher set the coordinator address.
-
-  Set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`
-  (or run under a cluster JAX auto-detects) to span hosts with one command.
-  """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
-    jax.distributed.initialize()
-
-
 CPU_DEVICES_ENV = "ICLDYN_CPU_DEVICES"
 _FORCE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -64,11 +54,17 @@ def run_mesh(num_runs: int | None = None) -> Mesh:
   """A 1-D mesh, axis name 'runs', over all devices (or the first `num_runs`).
 
   A grid smaller than the device count uses that many devices instead of
-  padding every device with copies of its last run.
+  padding every device with copies of its last run. With several processes
+  (`icldyn.distributed`) the devices are the global ones, in process order;
+  if the first `num_runs` would leave a process without a device, every
+  device is used (and the runs padded), since each process must take part
+  in the grid's programs.
   """
   devices = jax.devices()
   if num_runs is not None:
-    devices = devices[:max(1, min(num_runs, len(devices)))]
+    first = devices[:max(1, min(num_runs, len(devices)))]
+    if len({d.process_index for d in first}) == jax.process_count():
+      devices = first
   return Mesh(np.asarray(devices), (RUN_AXIS,))
 
 
@@ -86,11 +82,27 @@ def pad_runs(tree, num_runs: int, padded: int):
   return jax.tree.map(lambda x: np.asarray(x)[idx], tree)
 
 
+def _place(tree, sharding: NamedSharding):
+  """`jax.device_put`, or with several processes each process's shards from its host copy.
+
+  Every process holds the same host values (built from the same config), so
+  each places its own shards; `jax.device_put` would first all-gather every
+  leaf to check that the processes agree.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(place, tree)
+
+
 def shard_runs(tree, mesh: Mesh):
   """Places every leaf with its leading (run) axis split over the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, P(RUN_AXIS)))
+  return _place(tree, NamedSharding(mesh, P(RUN_AXIS)))
 
 
 def replicate(tree, mesh: Mesh):
   """Places every leaf on every device."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return _place(tree, NamedSharding(mesh, P()))

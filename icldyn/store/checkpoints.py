@@ -235,6 +235,17 @@ class Store:
     self.read_only = read_only
     opts = dict(enable_async_checkpointing=False, create=not read_only, read_only=read_only,
                 cleanup_tmp_directories=not read_only)
+    if jax.process_count() > 1:
+      # Several processes train one grid, and only this one reads or writes the
+      # checkpoints (icldyn.distributed: process 0 writes the workdir from
+      # gathered values), so orbax must not wait for the others at its barriers.
+      me = jax.process_index()
+      opts["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me})
+      if not read_only:  # orbax cannot create directories for a subset of processes
+        for kind in ("stream", "resume"):
+          os.makedirs(os.path.join(self.base, kind), exist_ok=True)
+        opts["create"] = False
     if not read_only:
       self._empty_trash()
       if faults.active("in_checkpoint"):
@@ -349,8 +360,12 @@ class Store:
     """Steps of the resume states (not yet checked)."""
     return self._steps("resume")
 
-  def restore_state(self, step: int, like: Any) -> Any:
+  def restore_state(self, step: int, like: Any, trim_runs: bool = False) -> Any:
     """Checks and restores a resume state shaped like `like` (numpy leaves).
+
+    With `trim_runs`, a leaf whose leading (run) axis is longer than `like`'s
+    is cut to it: a state stored with padding runs at the end (icldyn
+    before resume states were stored unpadded) restores on any device count.
 
     An unsealed state (orbax renamed it, so it is complete, but the process
     died before the seal) is restored and, in a writable store, sealed.
@@ -378,6 +393,9 @@ class Store:
     names = [_path_name(p) for p, _ in want]
     for name, (_, leaf) in zip(names, want):
       a, b = got.get(name), np.asarray(leaf)
+      if (trim_runs and a is not None and a.ndim == b.ndim >= 1 and a.shape[1:] == b.shape[1:]
+          and a.shape[0] > b.shape[0]):
+        a = got[name] = a[:b.shape[0]]
       if a is None or a.shape != b.shape or a.dtype != b.dtype:
         found = "nothing" if a is None else f"{a.dtype}{list(a.shape)}"
         raise CheckpointMismatch(
@@ -393,8 +411,10 @@ class Store:
       seal(path)
     return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
 
-  def restore_latest_state(self, like: Any) -> tuple[int | None, Any, list[tuple[CheckpointDamaged, str]]]:
-    """The newest intact resume state, moving damaged newer ones to `damaged/`.
+  def restore_latest_state(self, like: Any, trim_runs: bool = False
+                           ) -> tuple[int | None, Any, list[tuple[CheckpointDamaged, str]]]:
+    """The newest intact resume state, moving damaged newer ones to `damaged/`
+    (`trim_runs` as in `restore_state`).
 
     Returns:
       (step, state, damaged): step and state are None when no resume state is
@@ -403,7 +423,7 @@ class Store:
     damaged = []
     for step in reversed(self.resume_steps()):
       try:
-        return step, self.restore_state(step, like), damaged
+        return step, self.restore_state(step, like, trim_runs), damaged
       except CheckpointDamaged as e:
         damaged.append((e, self._discard("resume", step, into="damaged")))
     return None, None, damaged
