@@ -478,10 +478,15 @@ def analyze(workdir: str, measures=None, curves: Sequence[str] | None = None,
   return analysis_command.analyze(os.fspath(workdir), measures, curves, quiet, **options)
 
 
-def plot(workdir: str, pdf: bool = False) -> list[str]:
-  """`icldyn plot`: the figures of a workdir and its report.md; the paths written."""
+def plot(workdir: str, pdf: bool = False, runs: Sequence[int] | None = None,
+         steps: Sequence[int] | None = None) -> list[str]:
+  """`icldyn plot`: the figures of a workdir and its report.md; the paths written.
+
+  `runs` and `steps` choose the attention patterns drawn (default: run 0 at
+  its first checkpoint, nearest its phase change, and its last).
+  """
   workdir = os.fspath(workdir)
   loader.open_workdir(workdir)  # refuses a directory that is not a workdir
-  pipeline.attention_patterns(workdir)
+  pipeline.attention_patterns(workdir, runs, steps)
   figures = plots.make_all(workdir, pdf=pdf)
   return list(figures) + [report.write_report(workdir)]

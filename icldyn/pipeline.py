@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from icldyn import plots, report, runner
 from icldyn.analysis import attention, command
@@ -20,14 +20,23 @@ from icldyn.store import files
 log = logging.getLogger(__name__)
 
 
-def attention_patterns(workdir: str) -> str | None:
-  """Writes analysis/attention_patterns.npz where the workdir has checkpoints; its path or None."""
+def attention_patterns(workdir: str, runs: Sequence[int] | None = None,
+                       steps: Sequence[int] | None = None) -> str | None:
+  """Writes analysis/attention_patterns.npz where the workdir has checkpoints; its path or None.
+
+  Args:
+    workdir: a trained workdir.
+    runs, steps: which runs and checkpoints (`analysis.attention`'s defaults:
+      run 0 at its first checkpoint, nearest its phase change, and its last).
+  """
   if not os.path.exists(os.path.join(workdir, files.CONFIG_JSON)):
     return None
   try:
-    return attention.write_attention_patterns(workdir)
-  except ConfigError as e:  # a workdir analysis cannot rebuild: draw the rest
-    log.info("Skipping attention patterns: %s", e)
+    return attention.write_attention_patterns(workdir, runs, steps)
+  except ConfigError as e:
+    if runs is not None or steps is not None:
+      raise  # the user's choice was wrong: say so
+    log.info("Skipping attention patterns: %s", e)  # a workdir analysis cannot rebuild
     return None
 
 

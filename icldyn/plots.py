@@ -26,6 +26,7 @@ import math
 import pathlib
 import re
 import warnings
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -838,78 +839,107 @@ def plot_timing_vs_data(data: WorkdirData | str | pathlib.Path,
 # 4. Attention patterns at several checkpoints.
 
 
-def attention_patterns_figure(
-    patterns: np.ndarray | None,
-    steps: Sequence[int] | np.ndarray | None,
-    *,
-    max_checkpoints: int = 6,
-    title: str | None = None,
-) -> Figure | None:
-  """A grid of attention heatmaps: rows are checkpoints, columns heads.
+ATTENTION_KEYS = ('runs', 'run_labels', 'steps', 'mean', 'examples', 'example_labels',
+                  'position_labels', 'prev_head', 'induction_head')
+
+
+def _ticks(ax: Any, labels: Sequence[str], axis: str) -> None:
+  """Token labels on one axis of a heatmap: every position up to 24, else
+  every k-th so that at most 16 are written."""
+  n = len(labels)
+  every = 1 if n <= 24 else -(-n // 16)
+  idx = list(range(0, n, every))
+  size = 6 if n <= 12 else 5
+  if axis == 'x':
+    ax.set_xticks(idx, [labels[i] for i in idx], rotation=90, fontsize=size)
+  else:
+    ax.set_yticks(idx, [labels[i] for i in idx], fontsize=size)
+
+
+def attention_patterns_figure(patterns: Mapping[str, np.ndarray] | None, *,
+                              max_rows: int = 6, title: str | None = None) -> Figure | None:
+  """Attention heatmaps of chosen runs at chosen checkpoints, with token labels.
+
+  One row per (run, checkpoint). Per row: the first-layer head with the
+  highest previous-token score and the last-layer head with the highest
+  induction score (chosen at the last checkpoint), each averaged over the
+  analysis sequences and on individual sequences; then every last-layer
+  head's attention from the last position (the few-shot query) over the
+  keys. Axes name what each position holds (`x1 y1 ... q`, or the tokens).
 
   Args:
-    patterns: attention probabilities `[n_ckpt, layers, heads, T, T]`
-      (query position, key position), e.g. averaged over a batch.
-    steps: training sequences seen at each checkpoint `[n_ckpt]`.
-    max_checkpoints: at most this many rows, evenly spaced over the stream
-      (first and last always kept).
-    title: optional figure title (e.g. the run).
+    patterns: the arrays of `analysis/attention_patterns.npz`
+      (`icldyn.analysis.attention`; keys `ATTENTION_KEYS`).
+    max_rows: at most this many rows (runs x checkpoints, in order).
+    title: optional figure title.
 
   Returns:
-    The figure, or None if `patterns` is None or empty.
+    The figure, or None without patterns.
 
   Raises:
-    ValueError: if `patterns` is not 5-d or `steps` has the wrong length.
+    ValueError: arrays missing or of inconsistent shapes.
   """
-  if patterns is None or np.size(patterns) == 0:
+  if patterns is None:
     return _skip('attention patterns', 'no attention patterns given')
-  patterns = np.asarray(patterns, dtype=np.float32)
-  if patterns.ndim != 5:
-    raise ValueError('patterns must be [n_ckpt, layers, heads, T, T], got '
-                     f'shape {patterns.shape}')
-  n_ckpt, n_layers, n_heads = patterns.shape[:3]
-  steps = np.arange(n_ckpt) if steps is None else np.asarray(steps)
-  if steps.shape != (n_ckpt,):
-    raise ValueError(f'steps has shape {steps.shape}, expected ({n_ckpt},)')
-  rows = np.unique(np.round(np.linspace(0, n_ckpt - 1, min(
-      n_ckpt, max_checkpoints))).astype(int))
-  n_cols = n_layers * n_heads
-  # Shrink panels for many heads so a full-width page still holds the row.
-  size = float(np.clip(6.5 / n_cols, 0.55, 1.0))
+  missing = [k for k in ATTENTION_KEYS if k not in patterns]
+  if missing:
+    raise ValueError(f'attention patterns lack {missing} (written by an older icldyn: run '
+                     '`icldyn plot` again to recompute them)')
+  mean = np.asarray(patterns['mean'], np.float32)  # [R, S, L, H, T, T]
+  examples = np.asarray(patterns['examples'], np.float32)  # [R, S, E, L, H, T, T]
+  if mean.ndim != 6 or examples.shape[:2] != mean.shape[:2]:
+    raise ValueError(f'mean must be [R, S, L, H, T, T] and examples [R, S, E, ...], got '
+                     f'{mean.shape} and {examples.shape}')
+  n_runs, n_steps, n_layers, n_heads, t = mean.shape[:5]
+  n_ex = examples.shape[2]
+  rows = [(r, s) for r in range(n_runs) for s in range(n_steps)][:max_rows]
+  pos = [str(x) for x in patterns['position_labels']]
+  cols = 2 * (1 + n_ex) + 1
+  size = 1.25 if t <= 12 else 1.9
   with _style():
-    fig = _new_figure(n_cols * size + 0.9, len(rows) * size + 0.6)
-    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    fig = _new_figure(cols * (size + 0.35) + 1.2, len(rows) * (size + 0.75) + 0.6)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     image = None
-    for i, c in enumerate(rows):
-      for l in range(n_layers):
-        for h in range(n_heads):
-          ax = axes[i, l * n_heads + h]
-          image = ax.imshow(patterns[c, l, h], vmin=0.0, vmax=1.0,
-                            cmap='viridis', interpolation='nearest')
-          ax.set_xticks([])
-          ax.set_yticks([])
-          # A heatmap needs its full frame; the house style drops two sides.
+    for i, (r, s) in enumerate(rows):
+      heads = ((0, int(patterns['prev_head'][r]), 'prev-token'),
+               (n_layers - 1, int(patterns['induction_head'][r]), 'induction'))
+      c = 0
+      for layer, head, role in heads:
+        for e in range(-1, n_ex):
+          ax = axes[i, c]
+          c += 1
+          grid = mean[r, s, layer, head] if e < 0 else examples[r, s, e, layer, head]
+          labels = pos if e < 0 else [str(x) for x in patterns['example_labels'][r, e]]
+          image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap='viridis', interpolation='nearest')
           ax.spines[['top', 'right']].set_visible(True)
-          if i == 0:
-            ax.set_title(f'L{l} H{h}')
-          if l == 0 and h == 0:
-            ax.set_ylabel(f'{int(steps[c]):,}', fontsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.8, label='attention', aspect=30)
-    fig.supxlabel('key position')
-    fig.supylabel(f'query position, by checkpoint ({STEP_LABEL})')
+          _ticks(ax, labels, 'x')
+          _ticks(ax, labels, 'y')
+          which = 'mean' if e < 0 else f'sequence {e + 1}'
+          ax.set_title(f'L{layer} H{head} ({role}), {which}', fontsize=6)
+      ax = axes[i, c]
+      query = mean[r, s, n_layers - 1, :, t - 1, :]  # [H, T] attention from the last position
+      ax.imshow(query, vmin=0.0, vmax=1.0, cmap='viridis', interpolation='nearest', aspect='auto')
+      ax.spines[['top', 'right']].set_visible(True)
+      _ticks(ax, pos, 'x')
+      ax.set_yticks(range(n_heads), [f'H{h}' for h in range(n_heads)], fontsize=5)
+      ax.set_title(f'L{n_layers - 1} from {pos[-1]}, every head (mean)', fontsize=6)
+      label = textwrap.fill(str(patterns['run_labels'][r]), 34)
+      axes[i, 0].set_ylabel(f'{label}\nat {int(patterns["steps"][s]):,} seq.\nquery position',
+                            fontsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.6, label='attention', aspect=30)
+    fig.supxlabel('key position (what it holds)', fontsize=8)
     if title:
       fig.suptitle(title)
   return fig
 
 
-def plot_attention_patterns(patterns: np.ndarray | None,
-                            steps: Sequence[int] | np.ndarray | None,
+def plot_attention_patterns(patterns: Mapping[str, np.ndarray] | None,
                             out_dir: str | pathlib.Path, *,
                             name: str = 'attention_patterns',
                             formats: Sequence[str] = ('png',), dpi: int = DPI,
                             **kwargs: Any) -> Paths | None:
-  """Writes `attention_patterns_figure(patterns, steps, **kwargs)`."""
-  fig = attention_patterns_figure(patterns, steps, **kwargs)
+  """Writes `attention_patterns_figure(patterns, **kwargs)`."""
+  fig = attention_patterns_figure(patterns, **kwargs)
   return None if fig is None else _save(fig, out_dir, name, formats, dpi)
 
 
@@ -1047,16 +1077,16 @@ ATTENTION_FILE = files.ATTENTION_NPZ
 
 
 def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
-             attention: tuple[np.ndarray, np.ndarray] | None = None,
+             attention: Mapping[str, np.ndarray] | None = None,
              dpi: int = DPI) -> Paths:
   """Writes every figure the workdir has data for under `DIR/plots/`.
 
   Args:
     workdir: the workdir `DIR`.
     pdf: also write a PDF of each figure.
-    attention: `(patterns [n_ckpt, layers, heads, T, T], steps [n_ckpt])`
-      to draw; by default read from `DIR/analysis/attention_patterns.npz`
-      when that file exists.
+    attention: the arrays of `analysis/attention_patterns.npz` to draw
+      (`attention_patterns_figure`); by default read from that file when it
+      exists.
     dpi: PNG resolution.
 
   Returns:
@@ -1069,17 +1099,14 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
   for plot in (plot_phase_curves, plot_progress_heads, plot_timing_vs_data,
                plot_composition):
     paths += plot(data, out_dir, formats=formats, dpi=dpi) or []
-  title = None
   if attention is None and (data.path / ATTENTION_FILE).is_file():
     with np.load(data.path / ATTENTION_FILE) as f:
-      attention = (f['patterns'], f['steps'] if 'steps' in f else None)
-      if 'run' in f:
-        title = f'run {int(f["run"])}'
-  if attention is not None:
-    paths += plot_attention_patterns(*attention, out_dir, formats=formats,
-                                     dpi=dpi, title=title) or []
+      attention = {k: f[k] for k in f.files}
+  if attention is not None and all(k in attention for k in ATTENTION_KEYS):
+    paths += plot_attention_patterns(attention, out_dir, formats=formats, dpi=dpi) or []
   else:
-    _skip('attention patterns', f'none given and no {ATTENTION_FILE}')
+    _skip('attention patterns', f'none given and no current {ATTENTION_FILE} '
+          '(`icldyn plot` computes it)')
   if not paths:
     logger.info('No figures written for %s.', data.path)
   return paths

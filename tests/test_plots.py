@@ -323,20 +323,39 @@ def test_composition(grid):
       'other pairs (2)', 'showing 1 of 4 runs']
 
 
-def test_attention_patterns(tmp_path):
+def attention_arrays(runs=2, steps=3, examples=2, layers=2, heads=3, t=5):
+  """Random causal patterns in the layout of analysis/attention_patterns.npz."""
   rng = np.random.default_rng(0)
-  t = 7
-  logits = rng.normal(size=(10, 2, 3, t, t))
-  logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-  patterns = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  steps = np.arange(10) * 1000
-  fig = plots.attention_patterns_figure(patterns, steps, max_checkpoints=4)
-  images = [ax for ax in fig.axes if ax.images]
-  assert len(images) == 4 * 6  # rows = checkpoints, cols = layers x heads
-  assert images[6].get_ylabel() == '3,000'
-  with pytest.raises(ValueError):
-    plots.attention_patterns_figure(patterns[0], steps)
-  assert plots.plot_attention_patterns(None, None, tmp_path) is None
+  shape = (runs, steps, 1 + examples, layers, heads, t, t)
+  logits = np.where(np.tril(np.ones((t, t), bool)), rng.normal(size=shape), -np.inf)
+  p = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+  labels = np.array([[[f'x1', f'y1={e}', 'x2', f'y2={e + 1}', 'q'] for e in range(examples)]
+                     for _ in range(runs)])
+  return {'runs': np.arange(runs), 'run_labels': np.array([f'seed={r}' for r in range(runs)]),
+          'steps': np.arange(steps) * 1000, 'mean': p[:, :, 0], 'examples': p[:, :, 1:],
+          'example_labels': labels, 'position_labels': np.array(['x1', 'y1', 'x2', 'y2', 'q']),
+          'prev_head': np.array([2, 0]), 'induction_head': np.array([1, 2])}
+
+
+def test_attention_patterns_draw_the_arrays_with_token_labels(tmp_path):
+  a = attention_arrays()
+  fig = plots.attention_patterns_figure(a, max_rows=4)
+  axes = [ax for ax in fig.axes if ax.images]
+  per_row = 2 * (1 + 2) + 1  # (mean + 2 sequences) x 2 heads, then the query row of every head
+  assert len(axes) == 4 * per_row  # 2 runs x 3 steps, capped at 4 rows
+  # Row 1 is run 0 at step 1: its prev-token head is 2 (layer 0), induction head 1 (layer 1).
+  row = axes[per_row:2 * per_row]
+  np.testing.assert_array_equal(row[0].images[0].get_array(), a['mean'][0, 1, 0, 2])
+  np.testing.assert_array_equal(row[2].images[0].get_array(), a['examples'][0, 1, 1, 0, 2])
+  np.testing.assert_array_equal(row[3].images[0].get_array(), a['mean'][0, 1, 1, 1])
+  np.testing.assert_array_equal(row[6].images[0].get_array(), a['mean'][0, 1, 1, :, -1, :])
+  assert [t.get_text() for t in row[0].get_xticklabels()] == ['x1', 'y1', 'x2', 'y2', 'q']
+  assert [t.get_text() for t in row[2].get_yticklabels()] == ['x1', 'y1=1', 'x2', 'y2=2', 'q']
+  assert 'L0 H2 (prev-token), mean' == row[0].get_title()
+  assert '1,000' in row[0].get_ylabel() and 'seed=0' in row[0].get_ylabel()
+  with pytest.raises(ValueError, match="lack \\['steps'\\]"):
+    plots.attention_patterns_figure({k: v for k, v in a.items() if k != 'steps'})
+  assert plots.plot_attention_patterns(None, tmp_path) is None
 
 
 def test_make_all_and_report(tmp_path):
@@ -344,10 +363,8 @@ def test_make_all_and_report(tmp_path):
   one_run = write_workdir(tmp_path / 'w', [{'data.num_train_classes': 64,
                                             **_seeds(0)}],
                           evaluators=('fsl_train',))
-  t = 5
-  patterns = np.full((3, 1, 2, t, t), 1.0 / t)
-  np.savez(one_run / plots.ATTENTION_FILE, patterns=patterns,
-           steps=np.array([0, 10, 100]), run=0)
+  attention = attention_arrays(runs=1, steps=3)
+  np.savez(one_run / plots.ATTENTION_FILE, **attention)
   paths = plots.make_all(one_run, dpi=TEST_DPI)
   # Figures with make_all's defaults, to know each PNG's size. One run
   # sweeps no data setting, so there is no timing figure.
@@ -355,8 +372,7 @@ def test_make_all_and_report(tmp_path):
       'phase_curves': plots.phase_curves_figure(one_run),
       'progress_heads': plots.progress_heads_figure(one_run),
       'composition': plots.composition_figure(one_run),
-      'attention_patterns': plots.attention_patterns_figure(
-          patterns, [0, 10, 100], title='run 0'),
+      'attention_patterns': plots.attention_patterns_figure(attention),
   }
   assert [p.name for p in paths] == [f'{k}.png' for k in figures]
   for path, fig in zip(paths, figures.values()):

@@ -29,6 +29,8 @@ Device side (`TaskSpec`, hashable, part of the compiled program):
   - `loss(logits, batch)`: the training loss;
   - `eval_terms` / `reduce`: each evaluator's per-sequence terms and their
     reduction to the metrics of `metrics.csv`;
+  - `front.token_labels(batch)`: `[B, T]` strings naming what each position
+    holds, for the attention figures;
   - `front.layout` and `front.targets(batch)`: the reference attention
     targets (`Layout`, `Targets`) that the clamps and the head scores are
     defined by.

@@ -633,6 +633,18 @@ class FewShotFront:
                        layer1_source=source)
 
   def targets(self, batch: Batch) -> base.Targets:
+  def token_labels(self, batch: Batch) -> np.ndarray:
+    """[B, T] str: what each position holds, for figures: `x1 y1 x2 y2 ... q`,
+    each label token with its label id (`y1=3`)."""
+    labels = np.asarray(batch.labels)
+    b, c = labels.shape[0], self.context_len
+    out = np.empty((b, self.seq_len), object)
+    for i in range(c):
+      out[:, 2 * i] = f"x{i + 1}"
+      out[:, 2 * i + 1] = [f"y{i + 1}={y}" for y in labels[:, i]]
+    out[:, -1] = "q"
+    return out.astype(str)
+
     """The query's reference targets: the label tokens after exemplars of its class.
 
     Only the query's row is an induction row; its support is the label
