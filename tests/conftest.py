@@ -12,6 +12,7 @@ since its point is the code generation users get.
 """
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -65,3 +66,41 @@ def run_python(code: str, devices: int = 1, timeout: int = 600) -> str:
   if out.returncode != 0:
     raise AssertionError(f"subprocess failed ({out.returncode}):\n{out.stderr[-3000:]}")
   return out.stdout
+
+
+def event_records(path):
+  """TFRecord payloads of an event file (a torn last record is skipped, as TensorBoard does)."""
+  data = open(path, "rb").read()
+  i = 0
+  while i + 12 <= len(data):
+    n = struct.unpack("<Q", data[i:i + 8])[0]
+    if i + 12 + n + 4 > len(data):
+      break
+    yield data[i + 12:i + 12 + n]
+    i += 12 + n + 4
+
+
+def tensorboard_view(run_dir):
+  """{tag: [(step, value), ...]} of the scalars TensorBoard shows a run, parsed from the
+  event files with tensorboardX's protobufs (not icldyn's writer): a
+  SessionLog.START at step s (tensorboardX purge_step) discards the events
+  read so far with step >= s."""
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+  scalars = {}
+  for name in sorted(os.listdir(run_dir)):
+    for rec in event_records(os.path.join(run_dir, name)):
+      ev = Event.FromString(rec)
+      if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+        scalars = {k: [(s, v) for s, v in sv if s < ev.step] for k, sv in scalars.items()}
+      for v in ev.summary.value:
+        if v.WhichOneof("value") == "simple_value" and not v.metadata.plugin_data.plugin_name:
+          scalars.setdefault(v.tag, []).append((ev.step, v.simple_value))
+  return scalars
+
+
+def tensorboard_run_dir(workdir, run: int) -> str:
+  """The directory of a run's events: `tb/run_{i}` or `tb/run_{i},name=value...`."""
+  root = os.path.join(str(workdir), "tb")
+  found = [n for n in os.listdir(root) if n == f"run_{run}" or n.startswith(f"run_{run},")]
+  assert len(found) == 1, (run, sorted(os.listdir(root)))
+  return os.path.join(root, found[0])

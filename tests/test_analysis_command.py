@@ -190,9 +190,18 @@ def test_loader_streams_and_restores_runs(trained):
   one = loader.restore_run(wd, 640, 3)
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(one)):
     np.testing.assert_array_equal(np.asarray(a)[3], b)
-  # Breaking off early stops the reader thread.
-  for _ in loader.stream(trained, 0, prefetch=1):
-    break
+  # Breaking off early stops the reader thread (it would otherwise stay alive,
+  # holding the next checkpoint).
+  import threading
+  before = set(threading.enumerate())
+  it = loader.stream(trained, 0, prefetch=1)
+  next(it)
+  started = set(threading.enumerate()) - before
+  assert started  # the reader, blocked on the queue (prefetch 1 of 2 checkpoints)
+  it.close()
+  for t in started:
+    t.join(timeout=30)
+  assert not [t for t in started if t.is_alive()]
 
 
 def test_a_missing_step_or_run_says_what_exists(trained):
@@ -254,3 +263,52 @@ def test_densify_reproduces_the_stored_run(trained, tmp_path):
   assert loader.stream_steps(bad, 0) == [320, 640]
   with pytest.raises(ConfigError, match="--window"):
     densify.densify(bad, window="5", quiet=True)
+
+
+def test_densify_command_with_its_automatic_window(trained, tmp_path, capsys):
+  # `icldyn densify` with the default --window auto: the window is found from
+  # each run's transition of --curve (here where the fsl_train loss falls
+  # through 1.6 nats, ~ln 5, unclipped, which these short runs cross).
+  wd = _copy(trained, tmp_path)
+  loss = {}
+  for r in _read(os.path.join(wd, "metrics.csv")):
+    if r["evaluator"] == "fsl_train" and r["metric"] == "loss":
+      loss.setdefault(int(r["run"]), []).append((int(r["step"]), float(r["value"])))
+  crossings = [next(s for s, v in sorted(pts) if v < 1.6) for pts in loss.values()]
+  assert cli.main(["densify", "--workdir", wd, "--num", "2", "--curve",
+                   "fsl_train/loss:down:1.6:none", "--quiet"]) == 0
+  saved = int(capsys.readouterr().err.split("densify saved ")[1].split()[0])
+  steps = loader.stream_steps(wd, 0)
+  dense = sorted(set(steps) - {320, 640})
+  assert saved == len(dense) > 0
+  # Every dense step lies inside the stored evaluations around a transition:
+  # after the first evaluation and no later than the last crossing's evaluation.
+  assert all(0 < s <= max(crossings) for s in dense), (dense, crossings)
+
+
+def test_demo_command_trains_analyses_and_plots(trained, tmp_path, monkeypatch, capsys):
+  # `icldyn demo`: the command loads the demo study and hands it to
+  # pipeline.run_study with its workdir. The demo's own grid trains for
+  # minutes, so the call runs on this module's tiny config (a finished copy:
+  # train resumes it, then analyze, plots and report run for real).
+  from icldyn import config as config_lib
+  from icldyn import pipeline, studies
+  wd = _copy(trained, tmp_path)
+  shutil.rmtree(os.path.join(wd, "plots"), ignore_errors=True)
+  seen = []
+  run_study = pipeline.run_study
+
+  def tiny(cfg, workdir, axes=None, quiet=False):
+    seen.append((config_lib.to_json(cfg), workdir, quiet))
+    return run_study(tiny_config(), workdir, ["seeds.init=0,1", "train.learning_rate=1e-3,2e-3"],
+                     quiet=quiet)
+
+  monkeypatch.setattr(pipeline, "run_study", tiny)
+  assert cli.main(["demo", "--workdir", wd, "--quiet"]) == 0
+  assert seen == [(config_lib.to_json(studies.load("demo")), wd, True)]
+  err = capsys.readouterr().err
+  assert "icldyn demo: 4 runs" in err
+  assert os.path.join(wd, "metrics.csv") in err and os.path.join(wd, "report.md") in err
+  for name in ("analysis/phase_changes.csv", "analysis/summary.csv", "report.md",
+               "plots/phase_curves.png"):
+    assert os.path.exists(os.path.join(wd, name)), name

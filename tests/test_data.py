@@ -36,7 +36,8 @@ def test_paper_format_query_once_one_distractor():
   b, _ = _sample(tiny_config())
   ctx, q = b.classes[:, :-1], b.classes[:, -1]
   assert np.all(np.sum(ctx == q[:, None], axis=1) == 1)
-  assert np.all(ctx[ctx != q[:, None]] != q.repeat(1))  # the other slot is a different class
+  # The distractors are training classes of the run, and every one of them occurs.
+  assert set(np.unique(ctx[ctx != q[:, None]])) == set(range(12))
   # The query's label equals the label of its context copy; the distractor's differs.
   same = ctx == q[:, None]
   assert np.all(b.labels[:, :-1][same] == b.labels[:, -1])
@@ -225,3 +226,40 @@ def test_test_class_exemplars_leave_fsl_train_unchanged():
     b, _ = _sample(tiny_config(data__test_class_exemplars="all"), name, n=64)
     np.testing.assert_array_equal(a.inputs, b.inputs)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def _same_class_iff_same_label(b):
+  same_class = b.classes[:, :, None] == b.classes[:, None, :]
+  same_label = b.labels[:, :, None] == b.labels[:, None, :]
+  return np.array_equal(same_class, same_label)
+
+
+def test_rest_iid_draws_other_slots_independently():
+  # data.rest='iid': each of the 3 other slots an independent class other than
+  # the query's. P(two of 3 draws from 11 classes coincide) = 1 - 10*9/11^2 =
+  # 0.256, so among 500 sequences some repeat (P(none) = 0.744^500 ~ 1e-64),
+  # and a class-pair of slots coincides about 1/11 of the time.
+  cfg = tiny_config(**{"data.rest": "iid", "data.context_len": 4, "data.label_holdout": 0.0})
+  b, _ = _sample(cfg, n=500)
+  ctx, q = b.classes[:, :-1], b.classes[:, -1:]
+  assert np.all(np.sum(ctx == q, axis=1) == 1)  # burstiness 1
+  rest = [row[row != qq] for row, qq in zip(ctx, q[:, 0])]
+  repeats = np.mean([len(set(r)) < 3 for r in rest])
+  # Binomial(500, 0.256): std 0.0195; 5 sigma.
+  assert abs(repeats - 0.256) < 0.1
+  # Relabelled per sequence: a class and its label go together within a sequence.
+  assert _same_class_iff_same_label(b)
+
+
+def test_rest_unique_and_no_relabelling():
+  # data.rest='unique': the other slots hold distinct classes, none the query's;
+  # data.relabel=False: every label is the class modulo num_labels, in every sequence.
+  cfg = tiny_config(**{"data.rest": "unique", "data.context_len": 4, "data.relabel": False,
+                       "data.label_holdout": 0.0})
+  b, _ = _sample(cfg, n=500)
+  ctx, q = b.classes[:, :-1], b.classes[:, -1:]
+  assert np.all(np.sum(ctx == q, axis=1) == 1)
+  assert all(len(set(row.tolist())) == 4 for row in ctx)
+  np.testing.assert_array_equal(b.labels, b.classes % 5)
+  # With 12 classes and 5 labels, classes 0 and 5 share label 0: not relabelled.
+  assert not _same_class_iff_same_label(b)

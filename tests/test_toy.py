@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from icldyn import cli
 from icldyn import toy
 
 CFG = toy.ToyConfig()  # the documented defaults are what we test
@@ -154,10 +155,31 @@ def test_from_mapping_rejects_unknown_fields():
     toy.ToyConfig.from_mapping({'dims': 8})
 
 
-def test_run_toy_study_writes_outputs(tmp_path):
-  summary = toy.run_toy_study(tmp_path, CFG, SEEDS, clamps=('c',))
-  assert set(summary) == {'unclamped', 'clamp_c'}
-  assert summary['clamp_c']['median'] < summary['unclamped']['median']
+def test_toy_command_writes_outputs(tmp_path, capsys):
+  # `icldyn toy --config STUDY --workdir DIR` on a study file of this module's
+  # config: the command maps it onto run_toy_study (the trajectories compile
+  # as the fixture's did).
+  study = tmp_path / 'toy_study.py'
+  study.write_text(
+      'import ml_collections\n'
+      'def get_config(arg=""):\n'
+      '  c = ml_collections.ConfigDict()\n'
+      f'  c.toy = ml_collections.ConfigDict({dataclasses.asdict(CFG)!r})\n'
+      f'  c.init_seeds = {SEEDS!r}\n'
+      "  c.clamps = ('c',)\n"
+      '  c.level = 0.5\n'
+      '  return c\n')
+  out = tmp_path / 'out'
+  assert cli.main(['toy', '--config', str(study), '--workdir', str(out)]) == 0
+  err = capsys.readouterr().err
+  medians = {}
+  for line in err.splitlines():
+    if 'transition median' in line:
+      cond, _, rest = line.strip().partition(': transition median ')
+      medians[cond] = float(rest.split()[0])
+  assert set(medians) == {'unclamped', 'clamp_c'}
+  assert medians['clamp_c'] < medians['unclamped']
+  tmp_path = out
   with open(tmp_path / 'toy_metrics.csv') as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == ['condition', 'seed', 'step', 'loss', 'align_a',
