@@ -15,6 +15,7 @@ The public Python API (docs/python_api.md), imported on first use so that
     load_config(study, **fields)    a study's config by name ("ih_paper:smoke") or path
     list_studies()                  the bundled studies. names
     train(config, workdir, ...)     `icldyn train` as a function; returns the Workdir
+    Callbacks, TrainingEvent        host-side hooks on training events (icldyn.runner)
     analyze(workdir, ...)           `icldyn analyze`; returns the paths written
     plot(workdir, ...)              `icldyn plot`; returns the paths written
 """
@@ -30,6 +31,8 @@ PUBLIC = {
     "train": ("icldyn.api", "train"),
     "analyze": ("icldyn.api", "analyze"),
     "plot": ("icldyn.api", "plot"),
+    "Callbacks": ("icldyn.runner", "Callbacks"),
+    "TrainingEvent": ("icldyn.runner", "TrainingEvent"),
     "Cache": ("icldyn.model.cache", "Cache"),
     "Clamp": ("icldyn.model.clamp", "Clamp"),
     "custom_clamp": ("icldyn.clamps.custom", "custom_clamp"),

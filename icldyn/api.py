@@ -441,7 +441,7 @@ def load_config(study: str | ml_collections.ConfigDict, **overrides: Any
 
 def train(config: str | ml_collections.ConfigDict, workdir: str,
           grid: Sequence[str] | None = None, quiet: bool = True, overwrite: bool = False,
-          **overrides: Any) -> Workdir:
+          callbacks=None, **overrides: Any) -> Workdir:
   """`icldyn train`: trains (or resumes) a grid into `workdir` and opens it.
 
   Args:
@@ -450,10 +450,14 @@ def train(config: str | ml_collections.ConfigDict, workdir: str,
     grid: axes replacing the study's (`["seeds.init=0,1,2"]`).
     quiet: no progress lines.
     overwrite: replace a workdir that holds a different config.
+    callbacks: `icldyn.Callbacks` (or objects with some of its methods),
+      called at each evaluation, stream checkpoint and group end with an
+      `icldyn.TrainingEvent`, for logging elsewhere.
     **overrides: dotted config fields (`**{"train.num_sequences": 4000}`).
   """
   cfg = load_config(config, **overrides)
-  runner.train(cfg, workdir, list(grid) if grid else None, quiet=quiet, overwrite=overwrite)
+  runner.train(cfg, workdir, list(grid) if grid else None, quiet=quiet, overwrite=overwrite,
+               callbacks=callbacks)
   return load(workdir)
 
 

@@ -27,6 +27,7 @@ Reliability (docs/bad_inputs.md, tests/test_reliability.py):
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -57,6 +58,67 @@ log = logging.getLogger(__name__)
 
 class Preempted(Exception):
   """Training stopped on SIGTERM/SIGINT after writing a resume checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingEvent:
+  """What a training callback receives (on process 0, from the host loop).
+
+  Attributes:
+    kind: 'evaluation', 'checkpoint' or 'group_end'.
+    group: the compile group.
+    step: training sequences seen.
+    runs: the group's run indices.
+    metrics: for an evaluation, {run: {"evaluator/metric": value}} as
+      written to metrics.csv.
+    path: for a checkpoint, the stream checkpoint's directory.
+    status: for a group's end, {run: (status, diverged sequences or -1)}.
+  """
+  kind: str
+  group: int
+  step: int
+  runs: tuple[int, ...]
+  metrics: dict[int, dict[str, float]] | None = None
+  path: str | None = None
+  status: dict[int, tuple[str, int]] | None = None
+
+
+class Callbacks:
+  """Host-side hooks on training events, for logging elsewhere (a base to subclass;
+  any object with some of these methods will do). They run on process 0 after
+  the event is written to the workdir; one that raises is logged with its
+  traceback and training goes on."""
+
+  def on_evaluation(self, event: TrainingEvent) -> None:
+    """After each evaluation's metrics are written."""
+
+  def on_checkpoint(self, event: TrainingEvent) -> None:
+    """After each stream checkpoint is written."""
+
+  def on_group_end(self, event: TrainingEvent) -> None:
+    """After a compile group has trained (or was already done)."""
+
+
+class _Hooks:
+  """The user's callbacks, called safely (process 0 only)."""
+
+  def __init__(self, callbacks):
+    if callbacks is None:
+      callbacks = []
+    elif not isinstance(callbacks, (list, tuple)):
+      callbacks = [callbacks]
+    self.callbacks = list(callbacks) if distributed.is_primary() else []
+
+  def emit(self, method: str, event: TrainingEvent) -> None:
+    for cb in self.callbacks:
+      fn = getattr(cb, method, None)
+      if fn is None:
+        continue
+      try:
+        fn(event)
+      except Exception:  # a logger's failure must not stop the grid
+        log.exception("callback %s.%s failed at %d sequences; training goes on",
+                      type(cb).__name__, method, event.step)
 
 
 class WorkdirError(Exception):
@@ -291,7 +353,7 @@ class _Elsewhere:
 
 
 def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, callbacks=None) -> dict:
   """Trains a grid into `workdir` (resuming if it holds the same grid).
 
   Args:
@@ -300,6 +362,9 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
     axes: grid axes from the command line (replace the study's own grid).
     quiet: no progress lines.
     overwrite: replace a workdir that holds a different config.
+    callbacks: a `Callbacks` (or any object with some of its methods), or a
+      list of them, called on process 0 at each evaluation, stream
+      checkpoint and group end.
 
   Returns:
     Summary dict: num_runs, diverged (list of run indices), diverged_steps
@@ -326,7 +391,7 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
       raise stop.preempted("before training began", saved=False)
     try:
       with _Lock(workdir):
-        _train_all(prepared, workdir, resuming, quiet, stop, status)
+        _train_all(prepared, workdir, resuming, quiet, stop, status, _Hooks(callbacks))
     except OSError as e:
       if isinstance(e, ckpt_lib.CheckpointWriteError):
         what = str(e)
@@ -345,7 +410,7 @@ def train(cfg, workdir: str, axes: list[str] | None = None, quiet: bool = False,
 
 
 def _train_all(prepared: build.Prepared, workdir: str, resuming: bool, quiet: bool, stop: _StopFlag,
-               status: dict[int, tuple[str, int]]) -> None:
+               status: dict[int, tuple[str, int]], hooks: _Hooks) -> None:
   """Writes the workdir's files and trains every group, filling `status` per run.
 
   Only process 0 writes; the other processes train their runs beside it.
@@ -367,7 +432,11 @@ def _train_all(prepared: build.Prepared, workdir: str, resuming: bool, quiet: bo
       if stop.sync():
         raise stop.preempted(f"before group {pg.group.index + 1}/{len(prepared.groups)}",
                              saved=False)
-      status.update(_train_group(pg, prepared, workdir, metrics, tb, quiet, stop))
+      done = _train_group(pg, prepared, workdir, metrics, tb, quiet, stop, hooks)
+      status.update(done)
+      hooks.emit("on_group_end", TrainingEvent(
+          "group_end", pg.group.index, pg.static.batch_size * group_lib.schedule(
+              pg.group.config, pg.static.batch_size).total, tuple(pg.group.runs), status=done))
       if primary:
         wd_lib.write_runs(runs_path, run_rows(prepared, {**_read_status(workdir), **status}))
   finally:
@@ -399,11 +468,11 @@ def _restore(store: ckpt_lib.Store, like: dict, label: str) -> dict | None:
 
 def _train_group(pg: build.PreparedGroup, prepared: build.Prepared, workdir: str,
                  metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool,
-                 stop: _StopFlag) -> dict[int, tuple[str, int]]:
+                 stop: _StopFlag, hooks: _Hooks) -> dict[int, tuple[str, int]]:
   """Trains (or resumes) one compile group; returns {run: (status, diverged sequences)}."""
   store = ckpt_lib.Store(workdir, pg.group.index) if distributed.is_primary() else _Elsewhere()
   try:
-    return _GroupRun(pg, prepared, store, metrics, tb, quiet, stop).run()
+    return _GroupRun(pg, prepared, store, metrics, tb, quiet, stop, hooks).run()
   finally:
     store.close()
 
@@ -412,8 +481,9 @@ class _GroupRun:
   """The host loop of one group: chunks of steps between events, resume, preemption."""
 
   def __init__(self, pg: build.PreparedGroup, prepared: build.Prepared, store: ckpt_lib.Store,
-               metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool, stop: _StopFlag):
-    self.g, self.static = pg.group, pg.static
+               metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool, stop: _StopFlag,
+               hooks: _Hooks):
+    self.g, self.static, self.hooks = pg.group, pg.static, hooks
     self.store, self.metrics, self.tb, self.quiet, self.stop = store, metrics, tb, quiet, stop
     self.placed = group_lib.Placed(pg)
     self.r, self.rp = self.placed.runs, self.placed.padded
@@ -517,6 +587,9 @@ class _GroupRun:
             rows.append((t * batch, run, ev, m, v))
             per_run[i][f"{ev}/{m}"] = v
       self.metrics.append(rows)
+      self.hooks.emit("on_evaluation", TrainingEvent(
+          "evaluation", g.index, t * batch, tuple(g.runs),
+          metrics=dict(zip(g.runs, per_run))))
       for run, values in zip(g.runs, per_run):
         self.tb.scalars(run, values, t * batch)
       ev, metric = self.headline
@@ -525,6 +598,8 @@ class _GroupRun:
     if t in self.ckpts and t > 0:
       params = distributed.to_host(self.state.params)
       self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], params))
+      self.hooks.emit("on_checkpoint", TrainingEvent(
+          "checkpoint", g.index, t * batch, tuple(g.runs), path=self.store.path("stream", t * batch)))
     if t in self.resumes and t > 0:
       self._save_resume(t)
 

@@ -253,3 +253,43 @@ def test_the_example_runs_in_15_lines_without_private_names(wd):
   # The logged score is the same forward pass in training's evaluate program: float32 ulps.
   assert worst < 1e-5
   assert os.path.getsize(os.path.join(wd.path, "example_induction.png")) > 10_000
+
+
+class Recorder(icldyn.Callbacks):
+  def __init__(self):
+    self.events = []
+
+  def on_evaluation(self, event):
+    self.events.append(event)
+
+  def on_checkpoint(self, event):
+    self.events.append(event)
+
+  def on_group_end(self, event):
+    self.events.append(event)
+
+
+class Broken:
+  def on_evaluation(self, event):
+    raise RuntimeError("the tracking server is down")
+
+
+def test_callbacks_see_what_the_workdir_holds(tmp_path):
+  record = Recorder()
+  wd = icldyn.train(tiny_config(**{"train.num_sequences": 320, "train.eval_every": 160,
+                                   "checkpoint.every": 320}), str(tmp_path / "cb"),
+                    grid=["seeds.init=0,1"], callbacks=[Broken(), record])  # Broken is logged
+  kinds = [(e.kind, e.step) for e in record.events]
+  assert kinds == [("evaluation", 0), ("evaluation", 160), ("evaluation", 320),
+                   ("checkpoint", 320), ("group_end", 320)]
+  metrics = wd.metrics
+  for e in record.events[:3]:
+    assert e.runs == (0, 1)
+    for run, values in e.metrics.items():
+      rows = metrics[(metrics.run == run) & (metrics.step == e.step)]
+      written = {f"{a}/{b}": v for a, b, v in zip(rows.evaluator, rows.metric, rows.value)}
+      assert values.keys() == written.keys()
+      # metrics.csv holds 9 significant digits of the value the callback gets.
+      np.testing.assert_allclose([values[k] for k in written], list(written.values()), rtol=1e-8)
+  assert os.path.isdir(record.events[3].path)
+  assert record.events[4].status == {0: ("done", -1), 1: ("done", -1)}
