@@ -6,6 +6,7 @@ unit tests.
 
     python -m icldyn.bench                 # the table
     python -m icldyn.bench --sizes 1,8,64 --steps 300
+    python -m icldyn.bench --sizes '' --batches '' --end-to-end 0 --skip-analysis   # patching only
 """
 
 from __future__ import annotations
@@ -176,9 +177,40 @@ def bench_loop(steps: int, batch: int, task: str = "fewshot") -> float:
   return steps / (time.perf_counter() - t0)
 
 
+def bench_patching(n_runs: int = 64, checkpoints: int = 50, size: int = 128, block: int = 5
+                   ) -> dict:
+  """`icldyn patch`'s path-patching matrix of the paper model (every layer-0 head to
+  every layer-1 head through q, k, v: 8 x 8 x 3, and all 16 heads to the
+  logits) for `n_runs` runs x `checkpoints` checkpoints, in memory: random
+  parameters per run, scaled per checkpoint; reading checkpoints and
+  writing the CSV are not timed. Compile time apart."""
+  import jax
+  import numpy as np
+  from icldyn import build, model as model_lib
+  from icldyn.patching import core, program
+  pg = build.prepare(paper_config(n_runs, 32)).groups[0]
+  spec = pg.static.model
+  params = jax.device_get(jax.vmap(lambda s: model_lib.init_params(spec, s))(
+      np.asarray(pg.props.init_seed)))
+  data = program.put(program.make_data(pg.static, pg.table, pg.props, None, size))
+  fn = program.path_program(pg.static, core.Edges.every(spec))
+  stacked = lambda k: program.stack_block(  # noqa: E731
+      [jax.tree.map(lambda x: x * (1 + 0.01 * (k + j)), params) for j in range(block)], block)
+  t = time.perf_counter()
+  jax.block_until_ready(fn(stacked(0), data))
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for k in range(0, checkpoints, block):
+    jax.block_until_ready(fn(stacked(k), data))
+  return {"patching_s": time.perf_counter() - t, "compile_s": compile_s,
+          "edges": 8 * 8 * 3 + 16, "runs": n_runs, "checkpoints": checkpoints, "size": size}
+
+
 def _child(args) -> None:
   import jax
-  if args.one == 0:
+  if args.patching_child:
+    out = bench_patching(args.one, args.patching)
+  elif args.one == 0:
     out = {"loop_steps_per_s": bench_loop(args.steps, args.batch, args.task)}
     if args.task == "fewshot":
       out["matmul_gflops"] = matmul_gflops()
@@ -222,6 +254,9 @@ def main(argv=None) -> None:
   p.add_argument("--task", default="fewshot", help=argparse.SUPPRESS)
   p.add_argument("--e2e-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--skip-analysis", action="store_true")
+  p.add_argument("--patching", type=int, default=50, metavar="CHECKPOINTS",
+                 help="checkpoints of the 64-run path-patching benchmark (0: skip)")
+  p.add_argument("--patching-child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.one is not None:
     _child(args)
@@ -247,7 +282,7 @@ def main(argv=None) -> None:
   # without clamps compiles the unclamped program itself (no clamp sites), so
   # an unused clamp site costs nothing by construction.
   token_loop = None
-  for size in args.sizes.split(","):
+  for size in [x for x in args.sizes.split(",") if x.strip()]:
     clamped, tokens = size.endswith("c"), size.endswith("t")
     n = int(size.rstrip("ct"))
     flags = ["--one", str(n), "--steps", str(args.steps), "--batch", str(args.batch)]
@@ -273,6 +308,11 @@ def main(argv=None) -> None:
     print(f"end to end, 64 runs x {args.end_to_end} sequences (runner.train: evaluation every "
           f"5000 sequences, checkpoints, metrics): {rate:.0f} run-steps/s = {rate / loop:.1f} x "
           f"loop ({r['seconds']:.1f} s, {r['devices']} devices)", flush=True)
+  if args.patching:
+    r = _run_child(["--one", "64", "--patching-child", "--patching", str(args.patching)], env)
+    print(f"path patching (icldyn patch), 64 runs x {r['checkpoints']} checkpoints x "
+          f"{r['edges']} edges, {r['size']} sequences: {r['patching_s']:.1f} s "
+          f"(+ {r['compile_s']:.1f} s compiling; {r['devices']} devices)", flush=True)
   if not args.skip_analysis:
     try:
       from icldyn import bench_analysis

@@ -21,6 +21,7 @@ threshold lines), `'head'`, `'pair'`, `'timing'` and `'not_crossed'`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import pathlib
@@ -1097,7 +1098,7 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
   formats = ('png', 'pdf') if pdf else ('png',)
   paths: Paths = []
   for plot in (plot_phase_curves, plot_progress_heads, plot_timing_vs_data,
-               plot_composition):
+               plot_composition, plot_patching):
     paths += plot(data, out_dir, formats=formats, dpi=dpi) or []
   if attention is None and (data.path / ATTENTION_FILE).is_file():
     with np.load(data.path / ATTENTION_FILE) as f:
@@ -1110,3 +1111,158 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
   if not paths:
     logger.info('No figures written for %s.', data.path)
   return paths
+
+
+# ----------------------------------------------------------------------------
+# Circuit formation (`icldyn patch`: analysis/patching.csv, patching.json).
+
+PATCHING_METRIC = 'logit_diff'
+
+
+def _patching_tables(data: WorkdirData) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+  """patching.csv (logit-difference rows) and patching.json, or (None, {})."""
+  table = results.read_table(data.path / files.PATCHING_CSV)
+  meta_path = data.path / files.PATCHING_JSON
+  if table is None or table.empty or not meta_path.is_file():
+    return None, {}
+  meta = json.loads(meta_path.read_text())
+  table = table[table['metric'] == meta.get('metric', PATCHING_METRIC)].copy()
+  for col in ('receiver', 'input'):
+    table[col] = table[col].fillna('').astype(str)
+  table['edge'] = [f'{s}->{r}' + (f'.{i}' if i else '')
+                   for s, r, i in zip(table['sender'], table['receiver'], table['input'])]
+  return table, meta
+
+
+def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
+                          runs: Sequence[int] | None = None, max_runs: int = 4,
+                          max_edges: int = 8) -> Figure | None:
+  """When each edge of the circuit forms, one panel per run.
+
+  Each circuit edge (patching.json; the largest `max_edges` by final effect)
+  is drawn as its path-patching effect on the logit difference divided by
+  its effect at the last checkpoint (1 = the final strength), with its
+  threshold-midpoint mark from phase_changes.csv (curve
+  `patching/EDGE`); the task's headline loss on a second axis and its phase
+  change as a vertical line.
+  """
+  data = _as_data(data)
+  table, meta = _patching_tables(data)
+  if table is None:
+    return _skip('edge formation', f'no {files.PATCHING_CSV} (`icldyn patch` writes it)')
+  circuits = {int(k): v for k, v in meta.get('circuits', {}).items()}
+  all_runs = sorted(int(r) for r in table['run'].unique())
+  runs = [r for r in (runs if runs is not None else all_runs) if r in all_runs][:max_runs]
+  if not runs:
+    return _skip('edge formation', 'no runs')
+  headline = data.task.get('headline', '')
+  evaluator, _, metric = headline.partition('/')
+  est = files.HEADLINE_ESTIMATOR
+  phases = data.phase_changes
+  with _style():
+    fig = _new_figure(3.3, 1.6 * len(runs) + 0.5)
+    axes = fig.subplots(len(runs), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, run in zip(axes, runs):
+      sub = table[table['run'] == run]
+      last = sub[sub['step'] == sub['step'].max()].set_index('edge')['value']
+      edges = [e for e in circuits.get(run, []) if e in last.index]
+      edges = sorted(edges, key=lambda e: -abs(last[e]))[:max_edges]
+      steps_all = np.sort(sub['step'].unique())
+      log = _spans_decades(steps_all[steps_all > 0])
+      for color, e in zip(_colors(len(edges)), edges):
+        s = sub[sub['edge'] == e].sort_values('step')
+        x, y = s['step'].to_numpy(float), s['value'].to_numpy(float) / last[e]
+        ax.plot(x, y, color=color, label=e, gid='curve')
+        if phases is not None and not phases.empty:
+          t = phases[(phases['run'] == run) & (phases['curve'] == f'patching/{e}')
+                     & (phases['estimator'] == est)]
+          if len(t) and np.isfinite(float(t['midpoint'].iloc[0])):
+            ax.plot([float(t['midpoint'].iloc[0])], [0.5], 'o', ms=3, color=color, gid='phase')
+      ax.axhline(0.5, color='0.7', lw=0.5, ls=':', gid='ref')
+      ax.set_ylabel('effect / final')
+      _step_axis(ax, log)
+      _row_title(ax, f'run {run}')
+      if data.metrics is not None and evaluator:
+        m = data.metrics[(data.metrics['run'] == run) & (data.metrics['evaluator'] == evaluator)
+                         & (data.metrics['metric'] == metric)].sort_values('step')
+        if len(m):
+          tw = ax.twinx()
+          tw.plot(m['step'], m['value'], color='0.4', lw=0.8, ls='--', gid='curve')
+          tw.set_ylabel(metric, color='0.4')
+          tw.spines['right'].set_visible(True)
+          if log:
+            tw.set_xscale('log')
+      if phases is not None and not phases.empty:
+        t = phases[(phases['run'] == run) & (phases['curve'] == headline)
+                   & (phases['estimator'] == est)]
+        if len(t) and np.isfinite(float(t['midpoint'].iloc[0])):
+          ax.axvline(float(t['midpoint'].iloc[0]), color='0.3', lw=0.6, gid='phase')
+      ax.legend(loc='upper left', fontsize=5, ncol=2 if len(edges) > 4 else 1)
+    axes[-1].set_xlabel(STEP_LABEL)
+    fig.suptitle(f'Circuit edges forming ({meta.get("corruption", "")}; dashed: {headline}, '
+                 f'vertical: its {est} phase change; dots: edge at half its final effect)',
+                 fontsize=6)
+  return fig
+
+
+def patching_matrix_figure(data: WorkdirData | str | pathlib.Path, *, run: int = 0,
+                           steps: Sequence[int] | None = None) -> Figure | None:
+  """The path-patching matrix of one run at a few checkpoints (first, middle, last by default).
+
+  Rows: senders; columns: each later head's q, k, v, then the logits. Cells:
+  the effect on the logit difference (noising: negative where the path
+  matters), on one colour scale centred on 0.
+  """
+  data = _as_data(data)
+  table, meta = _patching_tables(data)
+  if table is None:
+    return _skip('patching matrix', f'no {files.PATCHING_CSV}')
+  sub = table[(table['run'] == run) & ~table['sender'].isin(['clean', 'corrupted'])]
+  if sub.empty:
+    return _skip('patching matrix', f'no run {run}')
+  all_steps = np.sort(sub['step'].unique())
+  if steps is None:
+    steps = sorted({int(all_steps[0]), int(all_steps[len(all_steps) // 2]), int(all_steps[-1])})
+  steps = [s for s in steps if s in set(all_steps.tolist())]
+  natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', n)]  # noqa: E731
+  senders = sorted(sub['sender'].unique(), key=natural)
+  cols = sorted({(r, i) for r, i in zip(sub['receiver'], sub['input']) if r != 'logits'},
+                key=lambda c: (natural(c[0]), c[1])) + [('logits', '')]
+  index = {c: j for j, c in enumerate(cols)}
+  rows = {s: i for i, s in enumerate(senders)}
+  mats = []
+  for step in steps:
+    m = np.full((len(senders), len(cols)), np.nan)
+    s = sub[sub['step'] == step]
+    for snd, r, i, v in zip(s['sender'], s['receiver'], s['input'], s['value']):
+      m[rows[snd], index[(r, i)]] = v
+    mats.append(m)
+  lim = max(float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0 for m in mats) or 1.0
+  with _style():
+    fig = _new_figure(min(9.0, 0.9 + 0.11 * len(cols) * len(steps)), 0.6 + 0.13 * len(senders) + 0.5)
+    axes = fig.subplots(1, len(steps), squeeze=False, sharey=True)[0]
+    for ax, step, m in zip(axes, steps, mats):
+      im = ax.imshow(m, cmap='RdBu', vmin=-lim, vmax=lim, aspect='auto', interpolation='nearest')
+      ax.set_title(f'{step:g} sequences', fontsize=6)
+      ax.set_xticks(range(len(cols)))
+      ax.set_xticklabels([f'{r}.{i}' if i else r for r, i in cols], rotation=90, fontsize=4)
+      ax.set_yticks(range(len(senders)))
+      ax.set_yticklabels(senders, fontsize=5)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label='Δ logit diff')
+    fig.suptitle(f'Path patching, run {run} ({meta.get("corruption", "")}, sender → receiver.input)',
+                 fontsize=6)
+  return fig
+
+
+def plot_patching(data: WorkdirData | str | pathlib.Path, out_dir: str | pathlib.Path,
+                  formats: Sequence[str] = ('png',), dpi: int = DPI) -> Paths | None:
+  """Writes `edge_formation` and `patching_matrix` (if `icldyn patch` has run)."""
+  data = _as_data(data)
+  paths: Paths = []
+  fig = edge_formation_figure(data)
+  if fig is not None:
+    paths += _save(fig, out_dir, 'edge_formation', formats, dpi)
+    fig = patching_matrix_figure(data)
+    if fig is not None:
+      paths += _save(fig, out_dir, 'patching_matrix', formats, dpi)
+  return paths or None

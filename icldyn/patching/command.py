@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = "patching"  # curve source of the edge timings in phase_changes.csv
 LOGITS = "logits"
-PATCHING_JSON = os.path.join(wd_lib.ANALYSIS_DIR, "patching.json")
+PATCHING_JSON = wd_lib.PATCHING_JSON
 SIZE = 128  # sequences per run in the clean and corrupted batches
 THRESHOLD = 0.2  # default circuit: edges with |final effect| >= this share of the largest
 LEVEL = 0.5  # an edge has formed when it carries this share of its final effect

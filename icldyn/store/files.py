@@ -39,6 +39,7 @@ SUMMARY_CSV = os.path.join(ANALYSIS_DIR, "summary.csv")
 ATTENTION_NPZ = os.path.join(ANALYSIS_DIR, "attention_patterns.npz")
 PATCHING_CSV = os.path.join(ANALYSIS_DIR, "patching.csv")  # icldyn patch (icldyn.patching)
 CIRCUIT_CSV = os.path.join(ANALYSIS_DIR, "circuit.csv")
+PATCHING_JSON = os.path.join(ANALYSIS_DIR, "patching.json")  # its settings, each run's circuit
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
 LOCK = ".lock"

@@ -18,6 +18,11 @@ Few-shot (`fewshot`):
     context (the first of the next 8 sequences that qualifies; in the rare
     batch where none does, the next one). Nothing in the context matches the
     query any more.
+  - `context_exemplars`: the context's exemplars (labels kept) are those of
+    another sequence of the batch whose context holds no exemplar of this
+    query's class (searched as for `query_class`). What a previous-token
+    head writes at the label positions, which the induction head's keys
+    read, no longer matches the query.
   Read-out: the query (the last row), target the clean target label, foil
   the other label in the clean context (the distractor's label).
 
@@ -89,6 +94,7 @@ def permute_labels(clean: fewshot.Batch) -> tuple[fewshot.Batch, Readout]:
   Returns:
     (corrupted batch, read-out of the clean batch).
   """
+  clean = jax.tree.map(jnp.asarray, clean)
   ctx = clean.labels[:, :-1]  # [B, C]
   c = ctx.shape[1]
   big = jnp.iinfo(jnp.int32).max
@@ -111,10 +117,11 @@ def query_class(clean: fewshot.Batch, tries: int = 8) -> tuple[fewshot.Batch, Re
   Returns:
     (corrupted batch, read-out of the clean batch).
   """
+  clean = jax.tree.map(jnp.asarray, clean)
   q_class, q_input = clean.classes[:, -1], clean.inputs[:, -1]
   ctx = clean.classes[:, :-1]
   shifts = jnp.arange(1, tries + 1)
-  cand = jnp.stack([jnp.roll(q_class, -int(s)) for s in shifts], axis=1)  # [B, tries]
+  cand = jnp.stack([jnp.roll(q_class, -s) for s in range(1, tries + 1)], axis=1)  # [B, tries]
   ok = ~jnp.any(cand[:, :, None] == ctx[:, None, :], axis=2)
   pick = jnp.where(jnp.any(ok, axis=1), jnp.argmax(ok, axis=1), 0)  # [B]
   src = (jnp.arange(q_class.shape[0]) + shifts[pick]) % q_class.shape[0]
@@ -123,6 +130,33 @@ def query_class(clean: fewshot.Batch, tries: int = 8) -> tuple[fewshot.Batch, Re
   rows = clean.table_rows
   if rows is not None:  # the query's exemplar as a row of the same table
     rows = rows._replace(index=rows.index.at[:, -1].set(rows.index[src, -1]))
+  return (clean._replace(inputs=inputs, classes=classes, table_rows=rows),
+          _fewshot_readout(clean))
+
+
+def context_exemplars(clean: fewshot.Batch, tries: int = 8) -> tuple[fewshot.Batch, Readout]:
+  """The context's exemplars taken from a sequence whose context lacks the query's class.
+
+  Args:
+    clean: a few-shot batch.
+    tries: how many following sequences to look at.
+
+  Returns:
+    (corrupted batch, read-out of the clean batch).
+  """
+  clean = jax.tree.map(jnp.asarray, clean)
+  q_class, ctx = clean.classes[:, -1], clean.classes[:, :-1]
+  n = q_class.shape[0]
+  shifts = jnp.arange(1, tries + 1)
+  cand = jnp.stack([jnp.roll(ctx, -s, axis=0) for s in range(1, tries + 1)], axis=1)  # [B, tries, C]
+  ok = ~jnp.any(cand == q_class[:, None, None], axis=2)
+  pick = jnp.where(jnp.any(ok, axis=1), jnp.argmax(ok, axis=1), 0)
+  src = (jnp.arange(n) + shifts[pick]) % n
+  inputs = clean.inputs.at[:, :-1].set(clean.inputs[src, :-1])
+  classes = clean.classes.at[:, :-1].set(ctx[src])
+  rows = clean.table_rows
+  if rows is not None:
+    rows = rows._replace(index=rows.index.at[:, :-1].set(rows.index[src, :-1]))
   return (clean._replace(inputs=inputs, classes=classes, table_rows=rows),
           _fewshot_readout(clean))
 
@@ -146,6 +180,7 @@ def break_copies(clean: repeat_tokens.TokenBatch) -> tuple[repeat_tokens.TokenBa
   Returns:
     (corrupted batch, read-out of the clean batch).
   """
+  clean = jax.tree.map(jnp.asarray, clean)
   rep = clean.repeated
   in_copy = rep | jnp.concatenate([jnp.zeros_like(rep[:, :1]), rep[:, :-1]], axis=1)
   tokens = jnp.where(in_copy, jnp.roll(clean.tokens, -1, axis=0), clean.tokens)
@@ -154,13 +189,15 @@ def break_copies(clean: repeat_tokens.TokenBatch) -> tuple[repeat_tokens.TokenBa
 
 def resample(clean: repeat_tokens.TokenBatch) -> tuple[repeat_tokens.TokenBatch, Readout]:
   """Every sequence replaced by the next one of the batch (its read-out stays the clean one)."""
+  clean = jax.tree.map(jnp.asarray, clean)
   tokens = jnp.roll(clean.tokens, -1, axis=0)
   return (clean._replace(tokens=tokens, repeated=jnp.roll(clean.repeated, -1, axis=0)),
           _token_readout(clean, tokens))
 
 
 CORRUPTIONS: dict[str, dict[str, Callable[[Any], tuple[Any, Readout]]]] = {
-    fewshot.TASK.name: {"permute_labels": permute_labels, "query_class": query_class},
+    fewshot.TASK.name: {"permute_labels": permute_labels, "query_class": query_class,
+                        "context_exemplars": context_exemplars},
     repeat_tokens.TASK.name: {"break_copies": break_copies, "resample": resample},
 }
 DEFAULT = {fewshot.TASK.name: "permute_labels", repeat_tokens.TASK.name: "break_copies"}
