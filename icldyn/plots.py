@@ -1136,7 +1136,7 @@ def _patching_tables(data: WorkdirData) -> tuple[pd.DataFrame | None, dict[str, 
 
 def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
                           runs: Sequence[int] | None = None, max_runs: int = 4,
-                          max_edges: int = 8) -> Figure | None:
+                          max_edges: int = 12) -> Figure | None:
   """When each edge of the circuit forms, one panel per run.
 
   Each circuit edge (patching.json; the largest `max_edges` by final effect)
@@ -1160,7 +1160,7 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
   est = files.HEADLINE_ESTIMATOR
   phases = data.phase_changes
   with _style():
-    fig = _new_figure(3.3, 1.6 * len(runs) + 0.5)
+    fig = _new_figure(4.5, 1.6 * len(runs) + 0.6)
     axes = fig.subplots(len(runs), 1, squeeze=False, sharex=True)[:, 0]
     for ax, run in zip(axes, runs):
       sub = table[table['run'] == run]
@@ -1187,7 +1187,8 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
                          & (data.metrics['metric'] == metric)].sort_values('step')
         if len(m):
           tw = ax.twinx()
-          tw.plot(m['step'], m['value'], color='0.4', lw=0.8, ls='--', gid='curve')
+          tw.plot(pd.to_numeric(m['step']).to_numpy(float), pd.to_numeric(m['value']).to_numpy(float),
+                  color='0.4', lw=0.8, ls='--', gid='curve')
           tw.set_ylabel(metric, color='0.4')
           tw.spines['right'].set_visible(True)
           if log:
@@ -1199,9 +1200,8 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
           ax.axvline(float(t['midpoint'].iloc[0]), color='0.3', lw=0.6, gid='phase')
       ax.legend(loc='upper left', fontsize=5, ncol=2 if len(edges) > 4 else 1)
     axes[-1].set_xlabel(STEP_LABEL)
-    fig.suptitle(f'Circuit edges forming ({meta.get("corruption", "")}; dashed: {headline}, '
-                 f'vertical: its {est} phase change; dots: edge at half its final effect)',
-                 fontsize=6)
+    fig.suptitle(f'Circuit edges forming ({meta.get("corruption", "")})\ndashed: {headline}; '
+                 f'vertical: its {est} phase change; dots: half the final effect', fontsize=6)
   return fig
 
 
