@@ -204,7 +204,11 @@ def _allgather_bytes(data: bytes, size: int) -> list[bytes]:
 
 
 def _collective(fn: Callable, *args):
-  """Runs a cross-process collective; a lost peer becomes `PeerLost`."""
+  """Runs a cross-process collective; a lost peer becomes `PeerLost`.
+
+  `fn` must also wait for the result (JAX dispatches asynchronously, and a
+  failed collective only raises where its result is read).
+  """
   try:
     return fn(*args)
   except Exception as e:  # gloo / XLA runtime errors carry no finer type
@@ -283,8 +287,11 @@ def to_host(tree):
   mesh = getattr(leaves[0].sharding, "mesh", None) if leaves else None
   if mesh is None or not all(getattr(x.sharding, "mesh", None) == mesh for x in leaves):
     return _collective(multihost_utils.process_allgather, tree, True)
-  everywhere = _collective(_replicator(jax.sharding.NamedSharding(mesh, P())), tree)
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), everywhere)
+  replicate = _replicator(jax.sharding.NamedSharding(mesh, P()))
+
+  def gather():  # the copy to numpy waits for the collective, so a lost peer shows here
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicate(tree))
+  return _collective(gather)
 
 
 def local_part(x: jax.Array) -> np.ndarray:
@@ -339,7 +346,8 @@ def broadcast_tree(tree, like):
     mine = np.zeros(sum(sizes), np.uint8)
   # The broadcast is a sum in which only process 0's bytes are nonzero; JAX
   # may widen the sum's dtype, so narrow back to bytes before reinterpreting.
-  got = np.asarray(_collective(multihost_utils.broadcast_one_to_all, mine)).astype(np.uint8)
+  got = _collective(lambda: np.asarray(multihost_utils.broadcast_one_to_all(mine)))
+  got = got.astype(np.uint8)
   out, at = [], 0
   for size, l in zip(sizes, leaves):
     out.append(got[at:at + size].view(np.asarray(l).dtype).reshape(np.shape(l)))

@@ -126,6 +126,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(study, tmp_path)
   assert_same_workdir(wd, ref)
 
 
+@pytest.mark.slow  # 2-3 min on 2 shared cores: beyond the suite's budget
 def test_a_lost_process_stops_the_others_then_fewer_processes_resume(study, reference, tmp_path):
   """Process 1 is killed mid-run: process 0 stops with one line and exit 75; one
   process (2 devices) resumes the workdir to the uninterrupted run's result."""
@@ -139,6 +140,7 @@ def test_a_lost_process_stops_the_others_then_fewer_processes_resume(study, refe
   assert_same_workdir(wd, reference)
 
 
+@pytest.mark.slow  # 2-3 min on 2 shared cores: beyond the suite's budget
 def test_sigterm_to_one_process_stops_all_with_a_resume_checkpoint(study, reference, tmp_path):
   """SIGTERM to process 1 only: both stop at the same step after a resume
   checkpoint (exit 75), and the same command resumes to the uninterrupted result."""
