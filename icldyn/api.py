@@ -483,14 +483,15 @@ def analyze(workdir: str, measures=None, curves: Sequence[str] | None = None,
 
 
 def plot(workdir: str, pdf: bool = False, runs: Sequence[int] | None = None,
-         steps: Sequence[int] | None = None) -> list[str]:
+         steps: Sequence[int] | None = None, time_axis: str = "auto") -> list[str]:
   """`icldyn plot`: the figures of a workdir and its report.md; the paths written.
 
   `runs` and `steps` choose the attention patterns drawn (default: run 0 at
-  its first checkpoint, nearest its phase change, and its last).
+  its first checkpoint, nearest its phase change, and its last);
+  `time_axis` ('auto', 'log', 'linear') the training-time axis of every figure.
   """
   workdir = os.fspath(workdir)
   loader.open_workdir(workdir)  # refuses a directory that is not a workdir
   pipeline.attention_patterns(workdir, runs, steps)
-  figures = plots.make_all(workdir, pdf=pdf)
+  figures = plots.make_all(workdir, pdf=pdf, time_axis=time_axis)
   return list(figures) + [report.write_report(workdir)]

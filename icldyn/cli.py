@@ -5,7 +5,7 @@
     icldyn analyze --workdir DIR [--measures M,...] [--curve EVALUATOR/METRIC ...]
     icldyn patch   --workdir DIR [--corruption NAME] [--senders ...] [--receivers ...] [--inputs q,k,v]
     icldyn densify --workdir DIR [--window auto|START:END] [--num N]
-    icldyn plot    --workdir DIR [--pdf] [--runs R1,R2] [--steps S1,S2]
+    icldyn plot    --workdir DIR [--pdf] [--runs R1,R2] [--steps S1,S2] [--time-axis auto|log|linear]
     icldyn demo    [--workdir DIR]           train + analyze + plot the default demo
     icldyn toy     --config toy[:smoke] --workdir DIR
     icldyn list                              the bundled studies and their variants
@@ -144,6 +144,9 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   pl = sub.add_parser("plot", help="figures and report.md of a workdir")
   pl.add_argument("--workdir", required=True)
   pl.add_argument("--pdf", action="store_true", help="also write PDF figures")
+  pl.add_argument("--time-axis", default="auto", choices=["auto", "log", "linear"],
+                  help="training-time axis of every figure (auto: log when the evaluations "
+                       "span more than two decades)")
   pl.add_argument("--runs", default=None, metavar="R1,R2",
                   help="runs whose attention patterns to draw (default: run 0)")
   pl.add_argument("--steps", default=None, metavar="S1,S2",
@@ -262,7 +265,7 @@ def cmd_plot(args) -> int:
                         "workdir?")
   pipeline.attention_patterns(args.workdir, _int_list(args.runs, "--runs"),
                               _int_list(args.steps, "--steps"))
-  paths = plots.make_all(args.workdir, pdf=args.pdf)
+  paths = plots.make_all(args.workdir, pdf=args.pdf, time_axis=args.time_axis)
   rep = report.write_report(args.workdir)
   print(f"icldyn: wrote {len(paths)} figure(s) under {os.path.join(args.workdir, 'plots')} "
         f"and {rep}", file=sys.stderr)

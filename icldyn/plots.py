@@ -26,8 +26,8 @@ import logging
 import math
 import pathlib
 import re
-import warnings
 import textwrap
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -145,6 +145,22 @@ def _spans_decades(values: np.ndarray, ratio: float = 100.0) -> bool:
   values = np.asarray(values, dtype=np.float64)
   pos = values[np.isfinite(values) & (values > 0)]
   return bool(pos.size) and pos.max() / pos.min() > ratio
+
+
+TIME_AXES = ('auto', 'log', 'linear')
+
+
+def _log_axis(data: WorkdirData, time_axis: str, steps: np.ndarray | None = None) -> bool:
+  """Whether the figures' time axis is logarithmic: 'log', 'linear', or 'auto'
+  (log when the workdir's evaluation steps span more than two decades), the
+  same for every figure of a workdir."""
+  if time_axis not in TIME_AXES:
+    raise ValueError(f"time_axis must be one of {TIME_AXES}, got {time_axis!r}")
+  if time_axis != 'auto':
+    return time_axis == 'log'
+  if data.metrics is not None and len(data.metrics):
+    steps = data.metrics['step'].to_numpy()
+  return _spans_decades(steps if steps is not None else np.zeros(0))
 
 
 def _step_axis(ax: Any, log: bool) -> None:
@@ -319,11 +335,14 @@ def phase_curves_figure(
     estimator: str = files.HEADLINE_ESTIMATOR,
     timing: str = 'midpoint',
     band: str | None = 'minmax',
+    time_axis: str = 'auto',
 ) -> Figure | None:
   """Each evaluator's loss and accuracy against training sequences.
 
-  One column per evaluator, one row per metric. Runs that differ only by seed
-  are drawn as their mean with a band; other runs as one line each. Dashed
+  One column per evaluator, one row per metric (a metric an evaluator does
+  not log leaves its panel out). Runs that differ only by seed are drawn as
+  their mean with a band, each seed as a thin line beneath; other runs as
+  one line each. Dashed
   vertical lines mark each run's detected phase change of the panel's curve
   (`{evaluator}/{metric}`, else `{evaluator}/loss`); a metric's panels carry
   the task's reference lines (few-shot loss: ln 2 and the threshold 0.4 ln 2).
@@ -338,6 +357,8 @@ def phase_curves_figure(
     estimator: which phase_changes.csv estimator marks the curves.
     timing: which of onset/midpoint/end to mark.
     band: 'minmax', 'std' (mean ± std), or None for no band.
+    time_axis: 'auto', 'log' or 'linear' (`_log_axis`: the same for every
+      figure of a workdir).
 
   Returns:
     The figure, or None if metrics.csv is missing or empty.
@@ -356,8 +377,7 @@ def phase_curves_figure(
   run_ids = list(runs) if runs is not None else data.run_ids()
   groups = data.setting_groups(run_ids)
   colors = _colors(len(groups))
-  all_steps = data.metrics['step'].to_numpy()
-  log_x = _spans_decades(all_steps)
+  log_x = _log_axis(data, time_axis)
   phase: dict[str, dict[int, float | None]] = {}
 
   def times_for(curve: str) -> dict[int, float | None]:
@@ -376,11 +396,15 @@ def phase_curves_figure(
     axes = fig.subplots(len(metrics), len(evaluators), sharex=True,
                         sharey='row', squeeze=False)
     any_phase = any_band = False
+    empty: set[tuple[int, int]] = set()
     for j, ev in enumerate(evaluators):
       for i, metric in enumerate(metrics):
         ax = axes[i, j]
         series = results.series_by_run(
             data.metrics, {'evaluator': ev, 'metric': metric}, run_ids)
+        if not series:  # e.g. `train` logs no accuracy: no empty panel
+          empty.add((i, j))
+          continue
         # An accuracy panel without its own detected change shows the loss's.
         times = (times_for(f'{ev}/{metric}') or times_for(f'{ev}/loss'))
         for (_, group), color in zip(groups, colors):
@@ -398,14 +422,26 @@ def phase_curves_figure(
           ax.axhline(value, color=color, ls=ls, lw=0.8, gid='ref')
         if metric.startswith('acc'):
           ax.set_ylim(-0.03, 1.03)
-        if not series:
-          ax.text(0.5, 0.5, 'not logged', transform=ax.transAxes,
-                  ha='center', va='center', color='0.5')
         if i == 0:
           ax.set_title(ev)
-        if j == 0:
-          ax.set_ylabel(metric)
         _step_axis(ax, log_x)
+    for i, metric in enumerate(metrics):
+      # The row's label and tick labels go on its first panel with data.
+      first = next((j for j in range(len(evaluators)) if (i, j) not in empty), None)
+      if first is not None:
+        axes[i, first].set_ylabel(metric)
+        axes[i, first].tick_params(axis='y', labelleft=True)
+    for j in range(len(evaluators)):
+      # A column whose bottom panel is gone shows its time ticks on its lowest panel.
+      lowest = max((i for i in range(len(metrics)) if (i, j) not in empty), default=None)
+      if lowest is not None:
+        axes[lowest, j].tick_params(axis='x', labelbottom=True)
+    for i, j in empty:
+      if i == 0:  # keep the column's title: hide the panel, not its title
+        axes[i, j].set_title(evaluators[j])
+        axes[i, j].set_axis_off()
+      else:
+        axes[i, j].remove()
     fig.supxlabel(STEP_LABEL)
 
     notes = []
@@ -439,6 +475,8 @@ def _draw_group(ax: Any, series: Sequence[tuple[np.ndarray, np.ndarray]],
       low, high = mean - std, mean + std
     else:
       low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
+  for run_steps, values in series:  # each seed, thin, under the mean and its band
+    ax.plot(run_steps, values, color=color, lw=0.4, alpha=0.55, gid='seed')
   ax.plot(steps, mean, color=color, gid='curve')
   if band is None:
     return False
@@ -511,9 +549,12 @@ def progress_heads_figure(
     runs: Sequence[int] | None = None,
     average: bool = False,
     max_rows: int = 4,
+    estimator: str = files.HEADLINE_ESTIMATOR,
+    time_axis: str = 'auto',
 ) -> Figure | None:
   """The induction score of last-layer heads and previous-token score of
-  first-layer heads over training, one line per head.
+  first-layer heads over training, one line per head; dashed lines mark each
+  run's phase change of the task's headline curve.
 
   Args:
     data: a loaded workdir, or its path.
@@ -525,6 +566,8 @@ def progress_heads_figure(
     runs: runs to show; all by default.
     average: one row per seed-averaged setting instead of one per run.
     max_rows: at most this many rows; the rest are noted in the title.
+    estimator: the estimator of the phase-change marks.
+    time_axis: 'auto', 'log' or 'linear' (`_log_axis`).
 
   Returns:
     The figure (rows = runs or settings, columns = the two measures), or
@@ -552,8 +595,13 @@ def progress_heads_figure(
   colors = dict(zip(heads, _colors(len(heads))))
   steps = np.concatenate([s for _, p in found for h in p.values()
                           for s, _ in h.values()])
-  log_x = _spans_decades(steps)
+  log_x = _log_axis(data, time_axis, steps)
   labels = [f'head {h}' for h in heads]
+  num_layers = ((data.config or {}).get('config', {}).get('model', {}) or {}).get('num_layers')
+  layer_of = {True: num_layers - 1 if num_layers else None, False: 0}
+  lasts = {title: last for _, title, last in measures}
+  headline = data.task['headline']
+  times = _phase_times(data, headline, estimator, 'midpoint') if headline else {}
 
   with _style():
     fig = _new_figure(len(found) * _PANEL_W * 1.15 + _legend_width(labels),
@@ -569,13 +617,20 @@ def progress_heads_figure(
           if series:
             ax.plot(*_mean_series(series), color=colors[h], gid='head')
         ax.axhline(0.0, color='0.7', lw=0.5, zorder=0)
+        marks = [times[r] for r in group if times.get(r) is not None]
+        for t in marks:
+          ax.axvline(t, color='0.3', ls='--', lw=0.7, gid='phase')
         if j == 0:
           _row_title(ax, row_label)
-        ax.set_ylabel(title)
+        layer = layer_of[lasts[title]]
+        ax.set_ylabel(title if layer is None else f'{title} (L{layer})')
         _step_axis(ax, log_x)
     fig.supxlabel(STEP_LABEL)
-    _legend(fig, [mlines.Line2D([], [], color=colors[h]) for h in heads],
-            labels, _cap_note(len(rows), total, average))
+    notes = _cap_note(len(rows), total, average)
+    if times:
+      notes = [(mlines.Line2D([], [], color='0.3', ls='--', lw=0.7),
+                f'phase change of {headline} ({estimator})')] + notes
+    _legend(fig, [mlines.Line2D([], [], color=colors[h]) for h in heads], labels, notes)
   return fig
 
 
@@ -961,15 +1016,19 @@ def composition_figure(
     runs: Sequence[int] | None = None,
     average: bool = False,
     max_rows: int = 4,
-    highlight: int = 6,
+    highlight: int = 3,
+    time_axis: str = 'auto',
 ) -> Figure | None:
   """Q/K/V-composition scores of head pairs over training.
 
   Reads progress.csv rows whose measure ends in `_composition`; `layer,head`
   is the later head and `layer2,head2` the earlier one. One column per
   measure, one row per run (or seed-averaged setting), one line per pair.
-  With many pairs, the `highlight` pairs with the largest final score keep
-  a colour and a legend entry; the rest are thin grey lines.
+  With many pairs, each row's `highlight` pairs with the largest final score
+  in that row keep a colour (the same in every row) and a legend entry; the
+  rest are thin grey lines. Heads are named `L{layer}H{head}` as in the
+  other figures; a dotted line marks 0, the score of random circuits of the
+  same shapes (`icldyn.analysis.weights` subtracts that baseline).
 
   Args:
     data: a loaded workdir, or its path.
@@ -1009,23 +1068,28 @@ def composition_figure(
   if not rows:
     return _skip('composition', 'no composition values for the chosen runs')
 
-  # Pick highlighted pairs by final score so the legend names the pairs
-  # that ended up composing, whatever the measure.
-  finals: dict[tuple[int, int, int, int], float] = {}
-  for pairs in per_measure.values():
-    for k, s in pairs.items():
-      last = [v[-1] for _, v in s.values() if len(v)]
-      if last:
-        finals[k] = max(finals.get(k, -math.inf), float(np.nanmax(last)))
-  all_pairs = sorted(finals)
-  shown = (all_pairs if len(all_pairs) <= max(highlight, 1) else
-           sorted(all_pairs, key=lambda k: -finals[k])[:highlight])
+  # Pick each row's highlighted pairs by their final score in that row, so
+  # the legend names the pairs that ended up composing in some run; a pair
+  # keeps its colour across rows.
+  def top_pairs(group: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    finals: dict[tuple[int, int, int, int], float] = {}
+    for pairs in per_measure.values():
+      for k, s in pairs.items():
+        last = [s[r][1][-1] for r in group if r in s and len(s[r][1])]
+        if last:
+          finals[k] = max(finals.get(k, -math.inf), float(np.nanmax(last)))
+    ranked = sorted(finals, key=lambda k: -finals[k])
+    return ranked if len(ranked) <= max(highlight, 1) else ranked[:highlight]
+
+  all_pairs = sorted({k for pairs in per_measure.values() for k in pairs})
+  per_row = [set(top_pairs(group)) for _, group in rows]
+  shown = sorted(set().union(*per_row))
   colors = dict(zip(shown, _colors(len(shown))))
   labels = [f'L{k[0]}H{k[1]}→L{k[2]}H{k[3]}' for k in shown]
   steps = np.concatenate([s for pairs in per_measure.values()
                           for runs_s in pairs.values()
                           for s, _ in runs_s.values()])
-  log_x = _spans_decades(steps)
+  log_x = _log_axis(data, time_axis, steps)
 
   with _style():
     fig = _new_figure(len(measures) * _PANEL_W * 1.15 + _legend_width(
@@ -1036,21 +1100,24 @@ def composition_figure(
       for j, m in enumerate(measures):
         ax = axes[i, j]
         # Grey pairs first so the coloured ones are drawn on top.
-        for k in sorted(per_measure[m], key=lambda k: k in colors):
+        for k in sorted(per_measure[m], key=lambda k: k in per_row[i]):
           series = [per_measure[m][k][r] for r in group
                     if r in per_measure[m][k]]
           if not series:
             continue
-          if k in colors:
+          if k in per_row[i]:
             ax.plot(*_mean_series(series), color=colors[k], gid='pair')
           else:
             ax.plot(*_mean_series(series), color='0.75', lw=0.5, gid='pair')
+        if m in COMPOSITION_ORDER:  # scores have the random-circuit baseline subtracted
+          ax.axhline(0.0, color='0.3', ls=':', lw=0.8, gid='baseline')
         if j == 0:
           _row_title(ax, row_label)
         ax.set_ylabel(m.replace('_', ' '))
         _step_axis(ax, log_x)
     fig.supxlabel(STEP_LABEL)
-    notes = []
+    notes = [(mlines.Line2D([], [], color='0.3', ls=':', lw=0.8),
+              'random circuits (baseline, subtracted)')]
     if len(shown) < len(all_pairs):
       notes.append((mlines.Line2D([], [], color='0.75', lw=0.5),
                     f'other pairs ({len(all_pairs) - len(shown)})'))
@@ -1079,7 +1146,7 @@ ATTENTION_FILE = files.ATTENTION_NPZ
 
 def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
              attention: Mapping[str, np.ndarray] | None = None,
-             dpi: int = DPI) -> Paths:
+             dpi: int = DPI, time_axis: str = 'auto') -> Paths:
   """Writes every figure the workdir has data for under `DIR/plots/`.
 
   Args:
@@ -1089,6 +1156,8 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
       (`attention_patterns_figure`); by default read from that file when it
       exists.
     dpi: PNG resolution.
+    time_axis: 'auto', 'log' or 'linear': the training-time axis of every
+      figure that has one (`_log_axis`).
 
   Returns:
     The written paths (PNG, then PDF, per figure), in figure order.
@@ -1097,9 +1166,12 @@ def make_all(workdir: str | pathlib.Path, pdf: bool = False, *,
   out_dir = data.path / files.PLOTS_DIR
   formats = ('png', 'pdf') if pdf else ('png',)
   paths: Paths = []
+  _log_axis(data, time_axis)  # a bad value fails before any figure is written
+  timed = (plot_phase_curves, plot_progress_heads, plot_composition)
   for plot in (plot_phase_curves, plot_progress_heads, plot_timing_vs_data,
                plot_composition, plot_patching):
-    paths += plot(data, out_dir, formats=formats, dpi=dpi) or []
+    extra = {'time_axis': time_axis} if plot in timed else {}
+    paths += plot(data, out_dir, formats=formats, dpi=dpi, **extra) or []
   if attention is None and (data.path / ATTENTION_FILE).is_file():
     with np.load(data.path / ATTENTION_FILE) as f:
       attention = {k: f[k] for k in f.files}

@@ -227,8 +227,8 @@ def test_series_keeps_last_write_of_a_step():
 def test_phase_curves_one_run(one_run):
   fig = plots.phase_curves_figure(one_run)
   axes = fig.axes
-  # train, fsl_train, fsl_val_rl; rows loss and acc.
-  assert len(axes) == 6
+  # train, fsl_train, fsl_val_rl; rows loss and acc (train logs no acc: no panel).
+  assert len(axes) == 5
   loss_ax = axes[1]  # row-major: [loss train, loss fsl_train, ...]
   assert count(loss_ax, 'curve') == 1
   assert count(loss_ax, 'ref') == 2
@@ -394,7 +394,8 @@ def test_timing_png(clamped, tmp_path):
 def test_report_per_setting(clamped):
   text = report.write_report(clamped).read_text()
   # Per-setting table: 6 settings, the (1024, ablate) one not crossed.
-  table = [l for l in text.splitlines() if l.startswith('| ')]
+  timing = text.split('## Phase-change times')[1].split('## Figures')[0]
+  table = [l for l in timing.splitlines() if l.startswith('| ')]
   assert len(table) == 1 + 6
   assert sum(report.NOT_CROSSED in l for l in table) == 1
   assert '`condition`' in table[0] and '`num_train_classes`' in table[0]
@@ -404,7 +405,8 @@ def test_report_per_setting(clamped):
 def test_report_per_run_without_summary(clamped):
   (clamped / 'analysis' / 'summary.csv').unlink()
   text = report.write_report(clamped).read_text()
-  table = [l for l in text.splitlines() if l.startswith('| ')]
+  timing = text.split('## Phase-change times')[1].split('## Figures')[0]
+  table = [l for l in timing.splitlines() if l.startswith('| ')]
   assert len(table) == 1 + 12
   assert sum(report.NOT_CROSSED in l for l in table) == 2
   assert 'No figures' in text
@@ -487,8 +489,11 @@ def test_phase_curves_draw_the_metrics_and_the_phase_changes(one_run):
   fig = plots.phase_curves_figure(one_run)
   titles = [ax.get_title() for ax in fig.axes[:3]]
   # Rows loss, acc; columns by evaluator (titles on the first row).
-  for row, evaluator, metric in ((0, 'fsl_train', 'loss'), (1, 'fsl_val_rl', 'acc')):
-    (line,) = _gid(fig.axes[3 * row + titles.index(evaluator)], 'curve')
+  # train logs no accuracy, so the acc row has panels for the other two only.
+  panels = {('loss', t): ax for t, ax in zip(titles, fig.axes[:3])}
+  panels.update({('acc', t): ax for t, ax in zip(titles[1:], fig.axes[3:])})
+  for evaluator, metric in (('fsl_train', 'loss'), ('fsl_val_rl', 'acc')):
+    (line,) = _gid(panels[(metric, evaluator)], 'curve')
     steps, values = _series(one_run, 0, evaluator, metric)
     np.testing.assert_array_equal(line.get_xdata(), steps)
     np.testing.assert_allclose(line.get_ydata(), values, rtol=1e-12)
