@@ -632,7 +632,6 @@ class FewShotFront:
                        prev_rows=labels, induction_rows=(t - 1,), label_positions=labels,
                        layer1_source=source)
 
-  def targets(self, batch: Batch) -> base.Targets:
   def token_labels(self, batch: Batch) -> np.ndarray:
     """[B, T] str: what each position holds, for figures: `x1 y1 x2 y2 ... q`,
     each label token with its label id (`y1=3`)."""
@@ -645,6 +644,7 @@ class FewShotFront:
     out[:, -1] = "q"
     return out.astype(str)
 
+  def targets(self, batch: Batch) -> base.Targets:
     """The query's reference targets: the label tokens after exemplars of its class.
 
     Only the query's row is an induction row; its support is the label

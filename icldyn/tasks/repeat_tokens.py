@@ -205,11 +205,11 @@ class TokenFront:
     # layer-1 clamp does, would erase what the layer-2 query needs.
     return base.Layout(task=RepeatTokens.name, seq_len=t, readout=tuple(range(t)),
                        prev_rows=tuple(range(1, t)), induction_rows=tuple(range(1, t)))
+
   def token_labels(self, batch: TokenBatch) -> np.ndarray:
     """[B, T] str: the token ids, for figures (`BOS` at position 0)."""
     tokens = np.asarray(batch.tokens)
     return np.where(tokens == 0, "BOS", tokens.astype(str))
-
 
   def targets(self, batch: TokenBatch) -> base.Targets:
     """Row p's induction targets: the keys j with token x_{j-1} = x_p, j - 1 < p."""
