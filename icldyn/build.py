@@ -53,7 +53,8 @@ def static(cfg, plan=None, eval_plans=()) -> train_lib.Static:
       model=model_spec(cfg), task=task, batch_size=t.batch_size, eval_size=cfg.eval.size,
       eval_batch=eval_batch, optimizer=t.optimizer, b1=t.b1, b2=t.b2, eps=t.eps,
       scan_steps=scan, plan=plan, eval_plans=tuple(eval_plans),
-      clamp_evaluators=tuple(config_lib.clamp_evaluators(cfg)))
+      clamp_evaluators=tuple(config_lib.clamp_evaluators(cfg)),
+      matmul_precision=t.matmul_precision)
 
 
 def props(settings: list[dict], cfg, clamp_params=None) -> train_lib.Props:

@@ -31,6 +31,7 @@ from icldyn.errors import ConfigError, did_you_mean
 
 POS_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+MATMUL_PRECISIONS = ("float32", "tf32", "bf16")  # icldyn.step.PRECISIONS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8
   c.train.eval_every = 5000  # sequences
   c.train.scan_steps = 0  # steps per compiled chunk; 0 = choose from the event spacing
+  # Matrix products of training and evaluation: float32 (full, every backend),
+  # tf32 (NVIDIA GPUs; TPU: 3 bf16 passes), bf16 (bf16 inputs, f32 sums). README: Determinism.
+  c.train.matmul_precision = "float32"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.evaluators = ""  # comma-separated; '' = the task's default evaluators
@@ -333,6 +337,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "must be a finite number >= 0")
   _require(t.eval_every >= 1, "train.eval_every", "must be >= 1 sequence")
   _require(t.scan_steps >= 0, "train.scan_steps", "must be >= 0")
+  _require(t.matmul_precision in MATMUL_PRECISIONS, "train.matmul_precision",
+           f"must be one of {MATMUL_PRECISIONS}, got {t.matmul_precision!r}")
 
   names = eval_names(cfg)
   for name in names:

@@ -3,8 +3,14 @@
 The step of one run is a pure function `(state, props, step) -> state`. The
 grid applies it with `jax.vmap` over the run axis (sharded over devices) and
 `lax.scan` over a fixed number of steps per compiled chunk; a chunk ending at
-an event (evaluation, checkpoint) masks its remaining steps with `lax.cond`
-on an unbatched predicate, so one program serves every chunk length.
+an event (evaluation, checkpoint) masks its remaining steps, so one program
+serves every chunk length. On CPU the mask and the divergence guard are
+`lax.cond`s (a skipped branch costs nothing); on accelerators they are
+selects, since XLA GPU may copy a conditional's predicate to the host every
+step. Either way the values are the same.
+
+Every training and evaluation program traces its matrix products at the
+group's `train.matmul_precision` (`PRECISIONS`), recorded in config.json.
 
 A run's data at step t comes from `fold_in(key(seeds.data), t)`, so the
 trajectory does not depend on chunking, evaluation frequency, grid size or
@@ -34,6 +40,14 @@ log = logging.getLogger(__name__)
 
 TRAIN_STREAM, EVAL_STREAM = 1, 2  # fold_in tags separating the key streams
 
+# `train.matmul_precision` -> the value of `jax.default_matmul_precision` the
+# programs are traced under (README: Determinism). float32: every float32 dot
+# in full float32 on every backend (Precision.HIGHEST). tf32: Precision.HIGH,
+# TensorFloat-32 on NVIDIA GPUs, three bfloat16 passes on TPU, float32 on CPU.
+# bf16: the dot algorithm BF16_BF16_F32 (inputs rounded to bfloat16, float32
+# accumulation) on GPU and TPU; XLA CPU computes it in float32.
+PRECISIONS = {"float32": "float32", "tf32": "tensorfloat32", "bf16": "BF16_BF16_F32"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Static:
@@ -49,6 +63,7 @@ class Static:
     plan: the clamp plan used in training, or None.
     eval_plans: named clamps for evaluation, as (name, plan).
     clamp_evaluators: evaluators also run under `eval_plans`.
+    matmul_precision: a key of `PRECISIONS` (`train.matmul_precision`).
   """
   model: model_lib.ModelSpec
   task: TaskSpec
@@ -63,6 +78,12 @@ class Static:
   plan: Plan | None = None
   eval_plans: tuple[tuple[str, Plan], ...] = ()
   clamp_evaluators: tuple[str, ...] = ()
+  matmul_precision: str = "float32"
+
+
+def matmul_precision(static: Static):
+  """A context in which dots are traced at the group's precision (`PRECISIONS`)."""
+  return jax.default_matmul_precision(PRECISIONS[static.matmul_precision])
 
 
 class Props(NamedTuple):
@@ -230,13 +251,23 @@ def evaluate_run(static: Static, table, params, props: Props) -> dict:
 # Grid programs.
 
 
-def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
+def make_programs(static: Static, mesh,
+                  branchless: bool | None = None) -> tuple[Callable, Callable, Callable]:
   """Compiled grid programs: init, a chunk of training steps, evaluation.
+
+  Args:
+    static: the group.
+    mesh: the run mesh.
+    branchless: the chunk's step mask and divergence guard as selects instead
+      of `lax.cond` (no per-step host synchronisation on GPU). None: selects
+      on every platform but CPU (the mesh's devices). Same values either way.
 
   Returns:
     init(props) -> state; chunk(state, props, table, start, n) ->
     (state, (losses [S, R], grad norms [S, R])); evaluate(state, props, table) -> metrics.
   """
+  if branchless is None:
+    branchless = mesh.devices.flat[0].platform != "cpu"
   run_sharding = jax.sharding.NamedSharding(mesh, P(sharding_lib.RUN_AXIS))
   step_fn = jax.vmap(lambda st, pr, tb, t: candidate_step(static, tb, st, pr, t),
                      (0, 0, None, None))
@@ -244,10 +275,13 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
   def grid_step(c, props, table, t):
     # The guard's select is a pass over parameters and optimizer state; when
     # every run on this device is finite (the usual case) it would pick `new`
-    # everywhere, so it runs only when some run needs it. Same result bitwise.
+    # everywhere, so on CPU it runs only when some run needs it. Same result
+    # bitwise.
     new, ok, out = step_fn(c, props, table, t)
-    fine = jnp.all(ok & ~c.diverged)
     with jax.named_scope("guard"):
+      if branchless:
+        return guard(c, new, ok, t), out
+      fine = jnp.all(ok & ~c.diverged)
       state = lax.cond(fine, lambda n, o: n, lambda n, o: guard(o, n, ok, t), new, c)
     return state, out
 
@@ -258,11 +292,17 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
       def skip(c):
         r = c.diverged.shape[0]
         return c, (jnp.zeros((r,), jnp.float32), jnp.zeros((r,), jnp.float32))
-      return lax.cond(i < n, run, skip, carry)
+      if not branchless:
+        return lax.cond(i < n, run, skip, carry)
+      # Steps past n are computed and dropped: only a chunk cut short by an
+      # event has any, and their data draws depend on nothing but the step.
+      stepped, kept = run(carry), skip(carry)
+      return jax.tree.map(lambda a, b: jnp.where(i < n, a, b), stepped, kept)
     # unroll=2: the step's new state cannot overwrite the old one (the guard
     # may need it), so a rolled loop copies it back into the carry every step;
     # two steps per iteration let XLA alternate between two buffers instead.
-    return lax.scan(body, state, jnp.arange(static.scan_steps), unroll=2)
+    with matmul_precision(static):
+      return lax.scan(body, state, jnp.arange(static.scan_steps), unroll=2)
 
   # Each device runs the chunk on its own runs (shard_map): runs share no
   # arrays, so nothing crosses devices. Under jit's automatic partitioning the
@@ -272,8 +312,15 @@ def make_programs(static: Static, mesh) -> tuple[Callable, Callable, Callable]:
   local_chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(runs, runs, shared, shared, shared),
                               out_specs=(runs, P(None, sharding_lib.RUN_AXIS)), check_vma=False)
 
-  init = jax.jit(jax.vmap(lambda pr: init_state(static, pr)), out_shardings=run_sharding)
+  def init_runs(props):
+    with matmul_precision(static):
+      return jax.vmap(lambda pr: init_state(static, pr))(props)
+
+  def evaluate_runs(state, props, table):
+    with matmul_precision(static):
+      return jax.vmap(lambda st, pr: evaluate_run(static, table, st.params, pr))(state, props)
+
+  init = jax.jit(init_runs, out_shardings=run_sharding)
   chunk_jit = jax.jit(local_chunk, donate_argnums=0)
-  evaluate = jax.jit(jax.vmap(lambda st, pr, tb: evaluate_run(static, tb, st.params, pr),
-                              (0, 0, None)))
+  evaluate = jax.jit(evaluate_runs)
   return init, chunk_jit, evaluate

@@ -891,6 +891,22 @@ class Layer1Clamp(ClampSpec):
     p["layer1"]["active"][...] = True
 
 
+def take_static(x: jax.Array, index, axis: int) -> jax.Array:
+  """`jnp.take(x, index, axis)` for a static index list, as slices of its
+  runs of consecutive indices: the same values, and a gradient that is a sum
+  of pads rather than a scatter-add, which XLA GPU runs with atomics when an
+  index repeats (README: Determinism)."""
+  index = [int(i) for i in index]
+  pieces, start = [], 0
+  while start < len(index):
+    end = start + 1
+    while end < len(index) and index[end] == index[end - 1] + 1:
+      end += 1
+    pieces.append(jax.lax.slice_in_dim(x, index[start], index[end - 1] + 1, axis=axis))
+    start = end
+  return jnp.concatenate(pieces, axis=axis)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layer1Slot(Slot):
 
@@ -905,7 +921,7 @@ class _Layer1Slot(Slot):
     emb = ctx.base["embed"]  # [B, T, d]
     source = np.asarray(layout_of(ctx.spec).layer1_source)
     moved = source != np.arange(ctx.spec.seq_len)
-    shifted = jnp.where(moved[None, :, None], emb[:, source], emb)
+    shifted = jnp.where(moved[None, :, None], take_static(emb, source, axis=1), emb)
     _, acts = ctx.run({"layer_0": {"resid_post": Clamp(shifted, True)}})
     active = jnp.asarray(p["active"])
     return merge({"layer_0": {"resid_post": Clamp(emb, active)}},

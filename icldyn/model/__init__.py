@@ -14,9 +14,11 @@ from icldyn.model.clamp import apply_clamp as apply_clamp
 from icldyn.model.clamp import conflicts as conflicts
 from icldyn.model.clamp import is_clamp as is_clamp
 from icldyn.model.clamp import merge as merge
+from icldyn.model.core import Embed as Embed
 from icldyn.model.core import FrontEnd as FrontEnd
 from icldyn.model.core import ModelSpec as ModelSpec
 from icldyn.model.core import Transformer as Transformer
 from icldyn.model.core import apply as apply
 from icldyn.model.core import init_params as init_params
 from icldyn.model.core import per_output_init as per_output_init
+from icldyn.model.core import take_rows as take_rows

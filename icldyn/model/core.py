@@ -240,6 +240,80 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
   return contract(lhs, rhs, 1)
 
 
+# How the gradient of a row lookup (`take_rows`: embeddings, table rows) is
+# summed onto repeated rows. JAX's own rule is a scatter-add, which XLA GPU
+# runs with atomics: the sum's order, hence its last bits, change from run to
+# run. 'auto' keeps the scatter-add on CPU (serial there, so deterministic,
+# and bitwise the earlier releases' path) and sums with a one-hot matrix
+# product on every other backend; 'onehot' and 'scatter' force one rule
+# everywhere (tests compare them). README: Determinism.
+ROW_GRADS = "auto"
+ROW_GRAD_RULES = ("auto", "onehot", "scatter")
+
+
+def _onehot_row_sum(num_rows: int, index: jax.Array, g: jax.Array) -> jax.Array:
+  """sum_n [index_n == r] g_n as a one-hot product: [num_rows, *g.shape[index.ndim:]].
+
+  HIGHEST precision whatever the training precision: the products are exact
+  (by 0 or 1), so the sum is float32's, as the scatter-add's is.
+  """
+  flat = index.reshape(-1)
+  rows = g.reshape((flat.shape[0], -1))
+  onehot = (flat[:, None] == jnp.arange(num_rows, dtype=flat.dtype)[None, :]).astype(g.dtype)
+  out = jnp.einsum("nr,nf->rf", onehot, rows, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape((num_rows,) + g.shape[index.ndim:])
+
+
+@jax.custom_vjp
+def _take_rows_onehot(table: jax.Array, index: jax.Array) -> jax.Array:
+  return jnp.take(table, index, axis=0)
+
+
+def _take_rows_fwd(table, index):
+  return _take_rows_onehot(table, index), (table.shape[0], index)
+
+
+def _take_rows_bwd(res, g):
+  num_rows, index = res
+  return _onehot_row_sum(num_rows, index, g), None
+
+
+_take_rows_onehot.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+  """`table[index]` (rows [N, ...] at int indices [...]) with a deterministic gradient.
+
+  The forward is the gather `jnp.take` does, on every backend; the gradient
+  onto the table follows `ROW_GRADS` (per backend with 'auto', through
+  `jax.lax.platform_dependent`, resolved when the program is lowered).
+  """
+  if ROW_GRADS not in ROW_GRAD_RULES:
+    raise ValueError(f"ROW_GRADS must be one of {ROW_GRAD_RULES}, got {ROW_GRADS!r}")
+  if ROW_GRADS == "scatter":
+    return jnp.take(table, index, axis=0)
+  if ROW_GRADS == "onehot":
+    return _take_rows_onehot(table, index)
+  return jax.lax.platform_dependent(table, index, cpu=lambda t, i: jnp.take(t, i, axis=0),
+                                    default=_take_rows_onehot)
+
+
+class Embed(nn.Module):
+  """`nn.Embed` (same parameter `embedding` [num_embeddings, features], same
+  initialisation) whose lookup is `take_rows`, so its gradient is deterministic
+  on every backend."""
+  num_embeddings: int
+  features: int
+  embedding_init: Any
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """[...] int ids -> [..., features]."""
+    table = self.param("embedding", self.embedding_init,
+                       (self.num_embeddings, self.features), jnp.float32)
+    return take_rows(table, ids)
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention returning its intermediates."""
   spec: ModelSpec

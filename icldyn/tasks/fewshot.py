@@ -601,10 +601,11 @@ class FewShotFront:
     if table_rows is None:
       ex = embed_x(inputs)  # [B, C+1, d]
     else:
-      ex = embed_x(table_rows.x)[table_rows.index]  # [R, d] -> [B, C+1, d]
-    lab = nn.Embed(self.num_labels, d_model, name="embed_y",
-                   embedding_init=model_lib.per_output_init(0.02, 0, corrected=False)
-                   )(labels[:, :-1])  # [B, C, d]
+      # [R, d] -> [B, C+1, d]; a gather whose gradient sums without atomics.
+      ex = model_lib.take_rows(embed_x(table_rows.x), table_rows.index)
+    lab = model_lib.Embed(self.num_labels, d_model, name="embed_y",
+                          embedding_init=model_lib.per_output_init(0.02, 0, corrected=False)
+                          )(labels[:, :-1])  # [B, C, d]
     pairs = jnp.stack([ex[:, :-1], lab], axis=2).reshape(b, 2 * (n - 1), d_model)
     return jnp.concatenate([pairs, ex[:, -1:]], axis=1)  # [B, T, d]
 

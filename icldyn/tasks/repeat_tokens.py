@@ -37,7 +37,6 @@ import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -180,8 +179,8 @@ class TokenFront:
     return self.vocab_size + 1
 
   def embed(self, batch: TokenBatch, d_model: int) -> jax.Array:
-    table = nn.Embed(self.num_outputs, d_model, name="embed_tokens",
-                     embedding_init=model_lib.per_output_init(0.02, 0, corrected=False))
+    table = model_lib.Embed(self.num_outputs, d_model, name="embed_tokens",
+                            embedding_init=model_lib.per_output_init(0.02, 0, corrected=False))
     return table(batch.tokens)
 
   def readout(self, final: jax.Array) -> jax.Array:
