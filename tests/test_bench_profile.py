@@ -67,6 +67,7 @@ def test_breakdown_sums_hlo_operations_per_step(tmp_path):
   assert [r[1] for r in rows] == ["ynn_fusion.1", "exp_fusion.4", "copy.2"]
 
 
+@pytest.mark.slow  # compiles and profiles a real chunk: about a minute
 def test_profile_of_a_real_chunk_finds_every_main_part():
   cfg = tiny_config(grid=("seeds.init=0,1",))
   r = bench_profile.profile_chunk(cfg, steps=3)

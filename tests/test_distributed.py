@@ -102,6 +102,7 @@ def reference(study, tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow  # three trainings in subprocesses: about 3 minutes on 2 cores
 def test_two_processes_equal_one_process_with_as_many_devices(study, reference, tmp_path):
   """2 processes x 1 device (`--local-processes 2`), 3 runs padded to 4: the workdir is
   the single-process one's, byte for byte and bitwise."""

@@ -8,6 +8,7 @@ from icldyn import cli
 from icldyn import paper
 
 
+@pytest.mark.slow  # a whole study through `icldyn paper`: over 2 minutes on 2 cores
 def test_paper_command_on_one_study(tmp_path, monkeypatch, capsys):
   # `icldyn paper --smoke` (the command's flags and its call of run_paper) and
   # run_paper's loop (train, analyse, plot, report per study, then the toy

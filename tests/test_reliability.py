@@ -193,6 +193,7 @@ CHAIN = [
 ]
 
 
+@pytest.mark.slow  # eight kill points, each a training and a resume: 4-5 minutes on 2 cores
 def test_kills_at_chosen_points_then_resume_equal_an_uninterrupted_run(study, reference,
                                                                         tmp_path):
   wd = str(tmp_path / "wd")
@@ -359,6 +360,7 @@ def _metrics(path):
             for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # about 95 s on 2 cores
 def test_a_diverging_run_is_marked_and_frozen_and_the_others_are_unchanged(reference, tmp_path,
                                                                             study, capsys):
   wd = str(tmp_path / "div")
