@@ -14,7 +14,7 @@ import re
 from conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "icldyn")
-ENTRY_POINTS = {"cli", "bench", "bench_profile", "bench_analysis"}
+ENTRY_POINTS = {"cli", "bench", "bench_profile", "bench_analysis", "gpu_check"}
 
 
 def rules() -> dict[str, set[str]]:
