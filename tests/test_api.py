@@ -23,15 +23,35 @@ import api_parts
 GRID = ["seeds.init=0,1", "clamp.keep_head=-1,0"]
 
 
-def tiny_workdir(path, **overrides):
-  cfg = tiny_config(**{"train.num_sequences": 320, "train.eval_every": 160,
-                       "checkpoint.every": 160, **overrides})
-  return icldyn.train(cfg, str(path), grid=GRID, quiet=True)
+class Recorder(icldyn.Callbacks):
+  def __init__(self):
+    self.events = []
+
+  def on_evaluation(self, event):
+    self.events.append(event)
+
+  def on_checkpoint(self, event):
+    self.events.append(event)
+
+  def on_group_end(self, event):
+    self.events.append(event)
+
+
+class Broken:
+  def on_evaluation(self, event):
+    raise RuntimeError("the tracking server is down")
+
+
+RECORDED = Recorder()
 
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory):
-  return tiny_workdir(tmp_path_factory.mktemp("api") / "wd")
+  """The module's workdir, trained with the callbacks the callback test reads."""
+  cfg = tiny_config(**{"train.num_sequences": 320, "train.eval_every": 160,
+                       "checkpoint.every": 160})
+  return icldyn.train(cfg, str(tmp_path_factory.mktemp("api") / "wd"), grid=GRID, quiet=True,
+                      callbacks=[Broken(), RECORDED])  # Broken is logged, training goes on
 
 
 def cross_entropy(logits, labels):
@@ -146,6 +166,7 @@ def test_custom_measure_through_analyze_equals_by_hand(wd):
   assert any(c.startswith("progress/query_label_attention.l1.h") for c in timed)
 
 
+@pytest.mark.slow  # two `icldyn analyze` processes: about 25 s; the in-process form stays
 def test_custom_measure_by_module_path_on_the_command_line(wd, tmp_path):
   env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
   out = subprocess.run([sys.executable, "-m", "icldyn", "analyze", "--workdir", wd.path,
@@ -255,41 +276,21 @@ def test_the_example_runs_in_15_lines_without_private_names(wd):
   assert os.path.getsize(os.path.join(wd.path, "example_induction.png")) > 10_000
 
 
-class Recorder(icldyn.Callbacks):
-  def __init__(self):
-    self.events = []
 
-  def on_evaluation(self, event):
-    self.events.append(event)
-
-  def on_checkpoint(self, event):
-    self.events.append(event)
-
-  def on_group_end(self, event):
-    self.events.append(event)
-
-
-class Broken:
-  def on_evaluation(self, event):
-    raise RuntimeError("the tracking server is down")
-
-
-def test_callbacks_see_what_the_workdir_holds(tmp_path):
-  record = Recorder()
-  wd = icldyn.train(tiny_config(**{"train.num_sequences": 320, "train.eval_every": 160,
-                                   "checkpoint.every": 320}), str(tmp_path / "cb"),
-                    grid=["seeds.init=0,1"], callbacks=[Broken(), record])  # Broken is logged
-  kinds = [(e.kind, e.step) for e in record.events]
-  assert kinds == [("evaluation", 0), ("evaluation", 160), ("evaluation", 320),
-                   ("checkpoint", 320), ("group_end", 320)]
+def test_callbacks_see_what_the_workdir_holds(wd):
+  kinds = [(e.kind, e.step) for e in RECORDED.events]
+  assert kinds == [("evaluation", 0), ("evaluation", 160), ("checkpoint", 160),
+                   ("evaluation", 320), ("checkpoint", 320), ("group_end", 320)]
   metrics = wd.metrics
-  for e in record.events[:3]:
-    assert e.runs == (0, 1)
+  for e in RECORDED.events:
+    if e.kind != "evaluation":
+      continue
+    assert e.runs == (0, 1, 2, 3)
     for run, values in e.metrics.items():
       rows = metrics[(metrics.run == run) & (metrics.step == e.step)]
       written = {f"{a}/{b}": v for a, b, v in zip(rows.evaluator, rows.metric, rows.value)}
       assert values.keys() == written.keys()
       # metrics.csv holds 9 significant digits of the value the callback gets.
       np.testing.assert_allclose([values[k] for k in written], list(written.values()), rtol=1e-8)
-  assert os.path.isdir(record.events[3].path)
-  assert record.events[4].status == {0: ("done", -1), 1: ("done", -1)}
+  assert all(os.path.isdir(e.path) for e in RECORDED.events if e.kind == "checkpoint")
+  assert RECORDED.events[-1].status == {r: ("done", -1) for r in range(4)}

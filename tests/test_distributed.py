@@ -181,6 +181,7 @@ def test_bad_process_id_is_one_line_and_exit_2(study, tmp_path):
   assert not os.path.exists(wd)
 
 
+@pytest.mark.slow  # two multi-process start-ups: about 30 s
 def test_different_configs_or_counts_stop_every_process_before_writing(study, tmp_path):
   """Process 1 with another variant of the study, then with another JAX_NUM_PROCESSES:
   every process prints the same one line and exits 2, and nothing is written."""

@@ -301,6 +301,7 @@ def test_the_group_program_equals_the_per_run_result():
         np.testing.assert_allclose(grid[part][metric][0, r], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 25 s on 2 cores
 def test_fewshot_corruptions():
   pg = build.prepare(tiny_config(), ["data.burstiness=1"]).groups[0]
   b = jax.tree.map(lambda x: x[0], measures.eval_batch(pg.static, pg.table, pg.props, 64))

@@ -445,6 +445,7 @@ def test_disk_full_is_a_clear_error_and_resumes_once_space_is_freed(reference, s
 # Workdir.
 
 
+@pytest.mark.slow  # about 45 s on 2 cores; the config check itself is tested in test_bad_inputs
 def test_overwrite_replaces_a_workdir_of_another_config(reference, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)
