@@ -199,9 +199,9 @@ def _leaf(tree, path):
 
 
 @pytest.mark.parametrize("optimizer, fields", [
-    ("adam", {}),
+    pytest.param("adam", {}, marks=pytest.mark.slow),
     pytest.param("sgd", {"model.pos_embedding": "sinusoidal"}, marks=pytest.mark.slow),
-])  # sgd in make test-slow for time; the matrix compares adamw and sgd's decay too
+])  # make test-slow for time; the matrix test compares adamw against optax in make test
 def test_one_step_program_equals_optax(optimizer, fields):
   """icldyn's step, per-run learning rate and decay in one vmapped program, 3 steps."""
   steps = 3

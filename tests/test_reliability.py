@@ -233,6 +233,7 @@ def test_kills_at_random_instants_then_resume_equal_an_uninterrupted_run(study, 
   assert_same_workdir(wd, reference)
 
 
+@pytest.mark.slow  # about 55 s; the random-kill resume test stays in make test
 def test_sigterm_writes_a_resume_checkpoint_and_says_how_to_resume(study, reference, tmp_path):
   wd = str(tmp_path / "wd")
   p, lines = _start(study, wd)

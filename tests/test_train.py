@@ -124,6 +124,7 @@ def test_eval_frequency_does_not_change_the_trajectory(grid_dir, tmp_path):
       np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # a 4-device subprocess: about a minute on 2 cores (tests/test_distributed.py covers devices across processes)
 def test_four_devices_match_one(grid_dir, tmp_path):
   out = tmp_path / "dev4"
   code = f"""
