@@ -37,7 +37,7 @@ from icldyn.store import files as wd_lib
 OUTPUT = wd_lib.ATTENTION_NPZ
 
 
-def default_steps(workdir: str, run: int, steps: list[int]) -> list[int]:
+def default_steps(workdir: str, run: int, steps: list[int], curve: str) -> list[int]:
   """Three stream steps: first, nearest the run's threshold midpoint, last.
 
   The midpoint comes from analysis/phase_changes.csv (the task's headline
@@ -46,7 +46,6 @@ def default_steps(workdir: str, run: int, steps: list[int]) -> list[int]:
   """
   mid = None
   path = os.path.join(workdir, wd_lib.PHASE_CHANGES_CSV)
-  curve = config_lib.task_of(loader.open_workdir(workdir).config).headline
   table = results.read_table(path)
   if table is not None and "crossed" in table:
     hit = results.select(table, {"run": run, "curve": curve, "estimator": "threshold"})
@@ -87,7 +86,8 @@ def write_attention_patterns(workdir: str, runs: Sequence[int] | None = None,
   first_steps = wd.stream_steps(int(rows[runs[0]]["group"]))
   if not first_steps:
     return None
-  steps = sorted(steps) if steps else default_steps(workdir, runs[0], first_steps)
+  steps = sorted(steps) if steps else default_steps(workdir, runs[0], first_steps,
+                                                      config_lib.task_of(wd.config).headline)
   mean, example, labels, prev, induction = [], [], [], [], []
   for run in runs:
     group, index = int(rows[run]["group"]), int(rows[run]["group_index"])

@@ -258,12 +258,13 @@ class ClampSpec:
       v = getattr(self, f.name)
       if not f.repr or (f.default is not dataclasses.MISSING and v == f.default):
         continue
-      args.append(f"{f.name}={_render_value(v)}")
+      args.append(f"{f.name}={render_value(v)}")
     return f"{self.NAME}({', '.join(args)})"
 
-def _render_value(v) -> str:
+def render_value(v) -> str:
+  """A clamp argument in the config form (`[a, b]`, `true`, bare names unquoted)."""
   if isinstance(v, tuple):
-    return "[" + ", ".join(_render_value(x) for x in v) + "]"
+    return "[" + ", ".join(render_value(x) for x in v) + "]"
   if isinstance(v, bool):
     return "true" if v else "false"
   if isinstance(v, str):

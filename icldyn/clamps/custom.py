@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icldyn.clamps.catalogue import ClampSpec, Slot
+from icldyn.clamps.catalogue import ClampSpec, Slot, render_value
 from icldyn.model import Clamp, is_clamp
 
 
@@ -118,16 +118,8 @@ class CustomClamp(ClampSpec):
     p[CustomSlot(function=self.function, args=self.args).key]["on"] = np.asarray(True)
 
   def render(self) -> str:
-    args = ", ".join(f"{k}={_render(v)}" for k, v in self.args)
+    args = ", ".join(f"{k}={render_value(v)}" for k, v in self.args)
     return f"{self.function}({args})"
-
-
-def _render(v: Any) -> str:
-  if isinstance(v, tuple):
-    return "[" + ", ".join(_render(x) for x in v) + "]"
-  if isinstance(v, bool):
-    return "true" if v else "false"
-  return repr(v)
 
 
 def custom_clamp(fn: Callable | str, **kwargs) -> CustomClamp:

@@ -232,6 +232,7 @@ class TensorBoard:
     self.opened = 0
     self.described: set[int] = set()
     self.names: dict[int, str] | None = None
+    self.resolved: dict[str, Any] | None = None  # config.json, read with the names
     self.settings: dict[int, dict[str, Any]] = {}
 
   def run_dir(self, run: int) -> str:
@@ -249,9 +250,10 @@ class TensorBoard:
     try:
       rows = read_csv(os.path.join(workdir, RUNS_CSV))
       with open(os.path.join(workdir, CONFIG_JSON)) as f:
-        axes = json.load(f).get("grid") or []
+        self.resolved = json.load(f)  # read once: `describe` shows it for every run
     except (OSError, ValueError):
       return {}
+    axes = self.resolved.get("grid") or []
     fields = [a.split("=", 1)[0] for a in axes]
     fields = [x for f in fields for x in f.split("+")]  # zipped axes
     names = {}
@@ -266,14 +268,11 @@ class TensorBoard:
     """The run's settings as HParams and the resolved config as text (once per run)."""
     from tensorboardX.summary import hparams
     self.described.add(run)
-    workdir = os.path.dirname(os.path.abspath(self.root))
-    try:
-      with open(os.path.join(workdir, CONFIG_JSON)) as f:
-        resolved = json.load(f)
-    except (OSError, ValueError):
-      return
     if self.names is None:
       self.names = self.read_names()
+    resolved = self.resolved
+    if resolved is None:  # no readable config.json
+      return
     settings = {k: _hparam(v) for k, v in self.settings.get(run, {}).items()}
     headline = (resolved.get("task") or {}).get("headline") or "train/loss"
     metrics = {tensorboard_tag(t): math.nan for t in dict.fromkeys([headline, "train/loss"])}
