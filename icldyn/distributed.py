@@ -31,13 +31,14 @@ unreachable coordinator or missing processes in one line, exit 2, before
 the runtime's own, longer timeout. A process that dies during training makes
 the others' next exchange fail: `PeerLost`, exit 75 (resume with the same
 command). If process 0, which hosts JAX's coordination service, dies, JAX's
-runtime ends the others at once itself (SIGABRT, exit 134); the workdir,
-written by process 0 alone with atomic renames and fsyncs, resumes as after
-any kill.
+runtime aborts the others at once; `stop_when_coordinator_lost` turns that
+abort into one line and exit 75 too. The workdir, written by process 0 alone
+with atomic renames and fsyncs, resumes as after any kill.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -175,7 +176,56 @@ def initialize(environ=os.environ) -> bool:
                       "icldyn.distributed.initialize() before anything else uses JAX") from None
   finally:
     done.set()
+  if spec.get("coordinator_address"):
+    stop_when_coordinator_lost(spec["coordinator_address"])
   return True
+
+
+# The C-level SIGABRT handler, kept referenced (ctypes frees a collected callback).
+_ON_ABORT: list = []
+
+
+def stop_when_coordinator_lost(address: str, wait_s: float = 5.0) -> None:
+  """Makes JAX's abort on losing process 0 (the coordinator) one line and exit 75.
+
+  When the process hosting JAX's coordination service dies, each other
+  process's coordination client aborts at once from one of its own threads
+  (SIGABRT, exit 134, no Python exception), whatever the main thread is
+  doing. jaxlib 0.10 has a hook for this (`missed_heartbeat_callback`), but
+  `jax.distributed.initialize` passes none and the binding cannot hand its
+  status to Python (tried: std::bad_cast, abort). So the abort itself is
+  caught, with a C-level handler: Python's `signal.signal` handler would
+  never run, as abort() ends the process once a C handler returns.
+
+  The handler tries to connect to `address`: if process 0 no longer
+  accepts connections (refused, or no answer in `wait_s` seconds), it
+  prints one line and exits 75, like a lost peer (`PeerLost`); otherwise
+  the abort has another cause, and the default (exit 134) goes on.
+
+  Args:
+    address: the coordinator's "host:port" (`JAX_COORDINATOR_ADDRESS`).
+    wait_s: how long to try to connect to it.
+  """
+  libc = ctypes.CDLL(None)
+  libc.signal.restype = ctypes.c_void_p
+  libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")  # an IPv6 literal
+
+  def on_abort(signum):
+    try:
+      socket.create_connection((host, int(port)), timeout=wait_s).close()
+    except (OSError, ValueError):
+      sys.stderr.flush()
+      os.write(2, f"icldyn: error: process 0 of the grid (the coordinator at {address}) "
+               "stopped; the workdir is resumable: start every process again with the same "
+               "command\n".encode())
+      os._exit(EXIT_PEER_LOST)
+    libc.signal(signal.SIGABRT, 0)  # SIG_DFL: abort() goes on to exit 134
+
+  handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+  _ON_ABORT[:] = [handler]
+  libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
 
 
 def process_count() -> int:

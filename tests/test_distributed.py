@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_two_processes_equal_one_process_with_as_many_devices(study, reference, 
   assert_same_workdir(wd, reference)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two trainings (1 x 4 and 2 x 2 devices): 2:12 measured on 2 shared cores
 def test_two_processes_of_two_devices_equal_one_process_of_four(study, tmp_path):
   """2 processes x 2 devices against 1 process x 4 devices; 5 runs padded to 8."""
   ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
@@ -154,6 +155,108 @@ def test_sigterm_to_one_process_stops_all_with_a_resume_checkpoint(study, refere
   codes = _processes([(_train(study, wd), env) for env in _group(2, 1)])
   assert [c for c, _ in codes] == [0, 0], codes[0][1][-3000:]
   assert_same_workdir(wd, reference)
+
+
+# How long the others may take to stop once process 0 is gone. They learn it
+# from closed connections (JAX's coordination client, gloo), not from a
+# timeout: measured 0.2-0.5 s. 30 s leaves room for two loaded shared cores
+# and stays well under JAX's shortest timeout (heartbeats, 100 s), so a pass
+# shows the stop is not a timeout's.
+STOP_BOUND_S = 30
+
+
+def _timed(cmds_envs, logs, timeout=TIMEOUT):
+  """Starts one process per (command, env), stderr to the files `logs`; returns
+  [(exit code, stderr, seconds from the start to its exit)] once all end."""
+  files = [open(l, "w") for l in logs]
+  start = time.monotonic()
+  procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=f, text=True)
+           for (cmd, env), f in zip(cmds_envs, files)]
+  ends = {}
+  try:
+    while len(ends) < len(procs):
+      for i, p in enumerate(procs):
+        if i not in ends and p.poll() is not None:
+          ends[i] = time.monotonic() - start
+      assert time.monotonic() - start < timeout, f"still running after {timeout} s"
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+    for f in files:
+      f.close()
+  return [(p.returncode, open(l).read(), ends[i]) for i, (p, l) in enumerate(zip(procs, logs))]
+
+
+def _resumable_errors(err):
+  """The survivor's `icldyn: error:` lines: at least one, each saying how to resume."""
+  lines = [l for l in err.splitlines() if l.startswith("icldyn: error: ")]
+  assert lines and all("the workdir is resumable" in l for l in lines), err[-3000:]
+  return lines
+
+
+@pytest.mark.slow  # one 2-process training and one resume: about 2 minutes on 2 shared cores
+def test_process_0_dying_stops_the_others_in_bounded_time_then_one_process_resumes(
+    study, reference, tmp_path):
+  """Process 0 (the writer and JAX's coordinator) is killed mid-run: process 1 stops
+  within STOP_BOUND_S with exit 75 and a line saying the workdir is resumable (from
+  its own exchange failing, or from JAX's abort, whichever comes first); one process
+  (2 devices) resumes the workdir to the uninterrupted run's result."""
+  wd = str(tmp_path / "wd")
+  envs = _group(2, 1, per_process={0: {"ICLDYN_FAULT": "after_chunk:4"}})
+  logs = [str(tmp_path / f"err{i}") for i in range(2)]
+  (c0, _, t0), (c1, e1, t1) = _timed([(_train(study, wd), env) for env in envs], logs)
+  assert c0 == -signal.SIGKILL
+  assert c1 == distributed.EXIT_PEER_LOST, e1[-3000:]
+  assert t1 - t0 < STOP_BOUND_S, (t1 - t0, e1[-3000:])
+  _resumable_errors(e1)
+  assert os.path.exists(os.path.join(wd, "metrics.csv"))  # killed mid-run, not before it
+  _single(study, wd, 2)
+  assert_same_workdir(wd, reference)
+
+
+# Joins a 2-process grid with icldyn.distributed, then: process 0 sleeps and (with
+# DIE) kills itself; process 1 sleeps in Python, or (with ABORT) aborts at once.
+ABORT_SCRIPT = """
+import os, signal, sys, time
+from icldyn import distributed
+assert distributed.initialize()
+if os.environ[distributed.ID_ENV] == "0":
+  time.sleep(2)
+  if os.environ.get("DIE"):
+    os.kill(os.getpid(), signal.SIGKILL)
+  time.sleep(8)
+  os._exit(0)  # not JAX's shutdown barrier: process 1 is gone
+if os.environ.get("ABORT"):
+  os.abort()
+time.sleep(120)
+print("process 1 outlived process 0", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow  # two 2-process start-ups without training: about 20 s
+def test_jax_abort_on_losing_process_0_becomes_exit_75_and_other_aborts_stay(tmp_path):
+  """The abort path alone, as a long chunk meets it: process 1 is not in an exchange
+  (it sleeps) when process 0 dies, so only JAX's coordination client sees it and
+  aborts; the handler makes that one line and exit 75 within STOP_BOUND_S. An abort
+  while process 0 is alive keeps its default (134, no icldyn line)."""
+  cmd = [sys.executable, "-c", ABORT_SCRIPT]
+  logs = [str(tmp_path / f"err{i}") for i in range(2)]
+  (c0, _, t0), (c1, e1, t1) = _timed([(cmd, env) for env in _group(2, 1, {0: {"DIE": 1}})],
+                                     logs, timeout=120)
+  assert c0 == -signal.SIGKILL
+  assert c1 == distributed.EXIT_PEER_LOST, e1[-3000:]
+  assert t1 - t0 < STOP_BOUND_S, (t1 - t0, e1[-3000:])
+  assert "Terminating process because the JAX distributed service" in e1  # the path tested
+  line, = _resumable_errors(e1)
+  assert line.startswith("icldyn: error: process 0 of the grid (the coordinator at 127.0.0.1:")
+  (c0, _, _), (c1, e1, _) = _timed([(cmd, env) for env in _group(2, 1, {1: {"ABORT": 1}})],
+                                   logs, timeout=120)
+  assert c0 == 0
+  assert c1 == 128 + signal.SIGABRT or c1 == -signal.SIGABRT, (c1, e1[-3000:])
+  assert "icldyn: error" not in e1
 
 
 def _one_error(err):
