@@ -338,7 +338,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(t.eval_every >= 1, "train.eval_every", "must be >= 1 sequence")
   _require(t.scan_steps >= 0, "train.scan_steps", "must be >= 0")
   _require(t.matmul_precision in MATMUL_PRECISIONS, "train.matmul_precision",
-           f"must be one of {MATMUL_PRECISIONS}, got {t.matmul_precision!r}")
+           f"must be one of {', '.join(MATMUL_PRECISIONS)}, got {t.matmul_precision!r}"
+           f"{did_you_mean(t.matmul_precision, MATMUL_PRECISIONS)}")
 
   names = eval_names(cfg)
   for name in names:

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from icldyn import build, cli, runner
+from icldyn import build, cli
 from conftest import ROOT
 
 STUDY = os.path.join(ROOT, "experiments", "ih_paper.py") + ":smoke"
@@ -67,6 +67,13 @@ CASES = [
      "model.d_model: must be a positive multiple"),
     ("unknown_optimizer", "unknown optimizer", ["--config.train.optimizer=lion"],
      "train.optimizer: must be one of"),
+    ("matmul_precision", "unknown matrix-product precision",
+     ["--config.train.matmul_precision=fp8"],
+     "train.matmul_precision: must be one of float32, tf32, bf16, got 'fp8'"),
+    ("matmul_precision_typo", "misspelt matrix-product precision",
+     ["--config.train.matmul_precision=flaot32"],
+     "train.matmul_precision: must be one of float32, tf32, bf16, got 'flaot32'; "
+     "did you mean float32?"),
     ("batch_zero", "batch size 0", ["--config.train.batch_size=0"],
      "train.batch_size: must be >= 1"),
     ("too_few_sequences", "fewer sequences than one batch", ["--config.train.num_sequences=8"],
