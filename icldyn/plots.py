@@ -248,9 +248,9 @@ def _row_groups(data: WorkdirData, runs: Sequence[int], average: bool,
     groups = data.setting_groups(runs)
     rows = [(_label(s, g), g) for s, g in groups]
   else:
-    # The run index already tells seeds apart, so only the swept settings
-    # are spelled out.
-    varying = data.varying_settings()
+    # Every setting the grid varies, seeds included: a grid over seeds alone
+    # names its rows `run 2: init=2`, not just `run 2`.
+    varying = data.varying_settings(include_seeds=True)
     rows = []
     for r in runs:
       settings = {k: v for k, v in data.run_settings(r).items()

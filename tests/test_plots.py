@@ -255,6 +255,11 @@ def test_progress_heads(grid):
   fig = plots.progress_heads_figure(grid)
   assert len(fig.axes) == 4 * 2  # 4 runs x (induction, prev-token)
   assert all(count(ax, 'head') == HEADS for ax in fig.axes)
+  # Rows are named by what the grid varies, seeds included (runs 0-3 are
+  # burstiness 0, 2 x init/data seeds 0, 1).
+  assert [ax.get_title(loc='left') for ax in fig.axes[::2]] == [
+      f'run {r}: burstiness={b}, init={i}, data={i}'
+      for r, (b, i) in enumerate(itertools.product((0, 2), (0, 1)))]
   fig = plots.progress_heads_figure(grid, average=True, max_rows=1)
   assert len(fig.axes) == 2
   assert fig.legends[0].get_texts()[-1].get_text() == 'showing 1 of 2 settings'
