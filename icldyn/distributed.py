@@ -10,7 +10,7 @@ crosses processes is kept to the host's decisions:
 - at start: one exchange of each process's config fingerprint, requested
   process count and process 0's verdict on the workdir (`agree_start`);
 - at events (evaluation, checkpoints, the end): the values process 0 writes
-  (`to_host`, `merge_runs`), and at a resume the restored state, from
+  (`to_host`, `to_host_later`, `merge_runs`), and at a resume the restored state, from
   process 0 to the others (`broadcast_tree`).
 
 Process 0 is the only one that touches the workdir (config.json, runs.csv,
@@ -51,6 +51,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -342,6 +343,30 @@ def to_host(tree):
   def gather():  # the copy to numpy waits for the collective, so a lost peer shows here
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicate(tree))
   return _collective(gather)
+
+
+_COPY = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def to_host_later(tree) -> Callable[[], Any]:
+  """`to_host` in two halves: the device work starts now, the returned function waits for it.
+
+  The tree is copied on its devices first (with several processes, gathered
+  into replicated arrays), so the caller may donate `tree` to the next
+  program right away: the host runs ahead of the device (`icldyn.runner`).
+  The values are `to_host(tree)`'s exactly.
+  """
+  if process_count() == 1:
+    copy = _COPY(tree)
+    return lambda: jax.device_get(copy)
+  leaves = jax.tree.leaves(tree)
+  mesh = getattr(leaves[0].sharding, "mesh", None) if leaves else None
+  if mesh is None or not all(getattr(x.sharding, "mesh", None) == mesh for x in leaves):
+    host = to_host(tree)
+    return lambda: host
+  replicated = _collective(_replicator(jax.sharding.NamedSharding(mesh, P())), tree)
+  return lambda: _collective(
+      lambda: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated))
 
 
 def local_part(x: jax.Array) -> np.ndarray:

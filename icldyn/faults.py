@@ -5,7 +5,8 @@ process reaches POINT it sends itself SIGNAL (`KILL` by default; `TERM`,
 `INT`), so tests can kill a run at reproducible instants. Unset, every hook
 is a dictionary lookup. Points:
 
-  after_chunk       a compiled chunk of steps has returned (before its events)
+  after_chunk       a compiled chunk of steps has been sent to the devices (before
+                    its events are written and before the next chunk is sent)
   in_metrics        half of one evaluation's rows are in metrics.csv (a torn append)
   after_metrics     one evaluation's rows are appended and fsynced
   in_checkpoint     a checkpoint (stream or resume) is fully written to orbax's

@@ -23,6 +23,20 @@ Reliability (docs/bad_inputs.md, tests/test_reliability.py):
 - Several processes (`icldyn.distributed`): every process steps the runs on
   its own devices; they agree between chunks whether to stop, and process 0
   alone writes the workdir, from values gathered at events.
+
+Running ahead. JAX dispatches asynchronously, so the loop sends chunk k+1 to
+the devices before it reads chunk k's results (losses, evaluation,
+checkpointed state) and writes them; the host's work then overlaps the
+device's. Nothing the loop decides depends on chunk k's results: chunk
+boundaries come from the event schedule, the divergence guard runs on the
+device, and the stop flag is agreed before each chunk is sent, as before.
+What an event at chunk k's end reads from the state (the evaluation, a copy
+of the state for a checkpoint) is sent before chunk k+1, which donates the
+state's buffers. Checkpoint saves run in orbax's background thread
+(`icldyn.store.checkpoints`) and are sealed before the next event is written
+(so callbacks come in step order), at the end of the group and before a
+preemption exits. The results are the same programs on the same inputs, so
+bitwise those of a loop that waits (tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -54,6 +68,11 @@ from icldyn.store import checkpoints as ckpt_lib
 from icldyn.store import files as wd_lib
 
 log = logging.getLogger(__name__)
+
+
+# `ICLDYN_RUN_AHEAD=0` reads each chunk's results before the next chunk is sent
+# (the loop before run-ahead; same results bitwise), for timing and comparison.
+RUN_AHEAD_ENV = "ICLDYN_RUN_AHEAD"
 
 
 class Preempted(Exception):
@@ -93,7 +112,8 @@ class Callbacks:
     """After each evaluation's metrics are written."""
 
   def on_checkpoint(self, event: TrainingEvent) -> None:
-    """After each stream checkpoint is written."""
+    """After each stream checkpoint is written and sealed (orbax writes it in the
+    background; this runs before the next event's callbacks)."""
 
   def on_group_end(self, event: TrainingEvent) -> None:
     """After a compile group has trained (or was already done)."""
@@ -323,13 +343,6 @@ class _StopFlag:
     self.agreed = distributed.first_signal(self.signum)
     return self.agreed is not None
 
-  def stopping(self) -> bool:
-    """With one process, whether a signal has arrived; with several, the last `sync`'s answer
-    (a signal since then is seen at the next `sync`, so the processes never disagree)."""
-    if distributed.process_count() == 1:
-      return self.signum is not None
-    return self.agreed is not None
-
   def preempted(self, where: str, saved: bool = True) -> Preempted:
     signum = self.agreed if self.agreed is not None else self.signum
     return Preempted(f"stopped by {signal.Signals(signum).name} {where}"
@@ -470,11 +483,22 @@ def _train_group(pg: build.PreparedGroup, prepared: build.Prepared, workdir: str
                  metrics: wd_lib.MetricsFile, tb: wd_lib.TensorBoard, quiet: bool,
                  stop: _StopFlag, hooks: _Hooks) -> dict[int, tuple[str, int]]:
   """Trains (or resumes) one compile group; returns {run: (status, diverged sequences)}."""
-  store = ckpt_lib.Store(workdir, pg.group.index) if distributed.is_primary() else _Elsewhere()
+  g = pg.group
+
+  def sealed(kind: str, step: int, path: str) -> None:
+    if kind == "stream":
+      hooks.emit("on_checkpoint", TrainingEvent("checkpoint", g.index, step, tuple(g.runs),
+                                                path=path))
+
+  store = (ckpt_lib.Store(workdir, g.index, on_sealed=sealed) if distributed.is_primary()
+           else _Elsewhere())
   try:
-    return _GroupRun(pg, prepared, store, metrics, tb, quiet, stop, hooks).run()
-  finally:
-    store.close()
+    done = _GroupRun(pg, prepared, store, metrics, tb, quiet, stop, hooks).run()
+  except BaseException:
+    store.close(abandon=True)  # the first error is the one to report
+    raise
+  store.close()  # seals the last save
+  return done
 
 
 class _GroupRun:
@@ -539,40 +563,81 @@ class _GroupRun:
             for i, run in enumerate(self.g.runs)}
 
   def _loop(self, t: int) -> None:
+    """Trains from step t to the end, sending each chunk before reading the previous one."""
     progress = group_lib.Progress(self.g.config.train.num_sequences, self.quiet, label=self.label,
                                   headline=" ".join(self.headline))
-    if self.saved_at is None:
-      self._events(t)  # a restored state's events were done before its checkpoint
+    if self.saved_at is None:  # a restored state's events were done before its checkpoint
+      self._finish_events(t, self._start_events(t))
     progress.update(t * self.batch, self.last_loss)
-    for nxt in self.events:
-      if nxt <= t:
-        continue
-      while t < nxt and not self.stop.sync():
+    events = iter(e for e in self.events if e > t)
+    nxt = next(events, None)
+    run_ahead = os.environ.get(RUN_AHEAD_ENV, "1") != "0"
+
+    def finish(chunk):
+      self._finish_chunk(*chunk)
+      progress.update(chunk[0] * self.batch, self.last_loss)
+
+    pending = None  # the chunk sent and not yet read: (end step, n, outputs, its events)
+    while True:
+      sent = None
+      # The stop flag is agreed before each chunk is sent (every process at the
+      # same point), never after the last.
+      if nxt is not None and not self.stop.sync():
         n = min(self.static.scan_steps, nxt - t)
-        self.state, (losses, gnorms) = self.chunk_c(self.state, self.placed.props,
-                                                    self.placed.table, t, n)
-        # This process's runs only: the sums of the others' stay with them until an event.
-        losses, gnorms = distributed.local_part(losses), distributed.local_part(gnorms)
-        self.acc["loss"] = self.acc["loss"] + np.sum(losses[:n].astype(np.float64), axis=0)
-        self.acc["grad_norm"] = self.acc["grad_norm"] + np.sum(gnorms[:n].astype(np.float64), axis=0)
-        self.acc["count"] += n
+        self.state, out = self.chunk_c(self.state, self.placed.props, self.placed.table, t, n)
         t += n
-        progress.update(t * self.batch, self.last_loss)
         faults.hit("after_chunk")
-      if t == nxt:
-        self._events(t)
-      if self.stop.stopping() and t < self.total:
-        if t > 0 and self.saved_at != t:
-          self._save_resume(t)
-        raise self.stop.preempted(f"at {t * self.batch} sequences", saved=t > 0)
+        # What the events at t read from the state is sent now, before the next
+        # chunk donates its buffers.
+        sent = (t, n, out, self._start_events(t) if t == nxt else None)
+        if t == nxt:
+          nxt = next(events, None)
+      if pending is not None:  # runs while the chunk just sent computes
+        finish(pending)
+      pending = sent
+      if pending is not None and not run_ahead:  # the waiting loop: read it before the next
+        finish(pending)
+        pending = None
+      elif pending is None:
+        break
+    if nxt is not None:  # stopped by a signal
+      if t > 0 and self.saved_at != t:
+        self._save_resume(t)
+      self.store.wait()  # the resume checkpoint sealed before the exit
+      raise self.stop.preempted(f"at {t * self.batch} sequences", saved=t > 0)
     progress.update(t * self.batch, self.last_loss, force=True)
 
-  def _events(self, t: int) -> None:
+  def _finish_chunk(self, t: int, n: int, out, started: dict | None) -> None:
+    """Reads a chunk's losses into the running sums, then writes the events at its end (t)."""
+    losses, gnorms = out
+    # This process's runs only: the sums of the others' stay with them until an event.
+    losses, gnorms = distributed.local_part(losses), distributed.local_part(gnorms)
+    self.acc["loss"] = self.acc["loss"] + np.sum(losses[:n].astype(np.float64), axis=0)
+    self.acc["grad_norm"] = self.acc["grad_norm"] + np.sum(gnorms[:n].astype(np.float64), axis=0)
+    self.acc["count"] += n
+    if started is not None:
+      self._finish_events(t, started)
+
+  def _start_events(self, t: int) -> dict:
+    """Sends what the events at step t read from the current state (evaluation, a
+    copy of the state to checkpoint); `_finish_events` reads and writes it."""
+    started = {}
+    if t in self.evals:
+      started["eval"] = distributed.to_host_later(
+          self.eval_c(self.state, self.placed.props, self.placed.table))
+    if t > 0 and t in self.resumes:
+      started["state"] = distributed.to_host_later(self.state)
+    elif t > 0 and t in self.ckpts:
+      started["params"] = distributed.to_host_later(self.state.params)
+    return started
+
+  def _finish_events(self, t: int, started: dict) -> None:
     """Evaluation, then stream checkpoint, then resume checkpoint, at step t."""
     g, r, batch = self.g, self.r, self.batch
+    self.store.wait()  # the previous event's checkpoint is sealed (and its callback run) first
     if t in self.evals:
       rows = []
-      out = distributed.to_host(self.eval_c(self.state, self.placed.props, self.placed.table))
+      out = started["eval"]()
       if t > 0 and self.acc["count"] > 0:
         acc = self._merged_acc()
         out["train"] = {"loss": acc["loss"] / acc["count"],
@@ -595,18 +660,21 @@ class _GroupRun:
       ev, metric = self.headline
       if metric in out.get(ev, {}):
         self.last_loss = float(np.mean(np.asarray(out[ev][metric])[:r]))
+    state = started["state"]() if "state" in started else None
     if t in self.ckpts and t > 0:
-      params = distributed.to_host(self.state.params)
+      params = state.params if state is not None else started["params"]()
       self.store.save_params(t * batch, jax.tree.map(lambda x: x[:r], params))
-      self.hooks.emit("on_checkpoint", TrainingEvent(
-          "checkpoint", g.index, t * batch, tuple(g.runs), path=self.store.path("stream", t * batch)))
-    if t in self.resumes and t > 0:
-      self._save_resume(t)
+    if state is not None:
+      self._save_resume(t, state)
 
-  def _save_resume(self, t: int) -> None:
+  def _save_resume(self, t: int, state=None) -> None:
+    """Starts saving the resume checkpoint of step t (`state`: the train state at t on
+    the host; None: the current state, which no chunk has been sent past)."""
     self.tb.flush()  # TensorBoard events up to t reach the disk before the state that skips them
     r = self.r
-    state = jax.tree.map(lambda x: x[:r], distributed.to_host(self.state))
+    if state is None:
+      state = distributed.to_host(self.state)
+    state = jax.tree.map(lambda x: x[:r], state)
     acc = self._merged_acc()
     acc = {"loss": acc["loss"][:r], "grad_norm": acc["grad_norm"][:r], "count": acc["count"]}
     self.store.save_state(t * self.batch, group_lib.resume_tree(state, acc, t))

@@ -13,14 +13,27 @@ directories a killed process left are removed when a writing `Store` opens.
 Then icldyn seals the step with `icldyn_manifest.json` (size and SHA-256 of
 every file), written atomically. A checkpoint is only read after its files
 are checked against the manifest, so a damaged one (a truncated, missing or
-altered file) or raises `CheckpointDamaged` naming its step, path and file, before orbax reads a
-byte; `Store.restore_latest_state` moves such resume states to `damaged/`
-and falls back to the newest intact one. A step without a manifest (killed
-between orbax's rename, which makes it complete, and the seal; or written
-by an older icldyn or another tool) is read unchecked, and a resume state
-then sealed; if it cannot be read it counts as damaged. Old checkpoints are removed by
-renaming them into `trash/` first, so a removal cut short never leaves a
-half-deleted step that looks finished.
+altered file) raises `CheckpointDamaged` naming its step, path and file, before
+orbax reads a byte; `Store.restore_latest_state` moves such resume states to
+`damaged/` and falls back to the newest intact one. A step without a manifest
+(killed between orbax's rename, which makes it complete, and the seal; or
+written by an older icldyn or another tool) is read unchecked, and a resume
+state then sealed; if it cannot be read it counts as damaged. Old checkpoints
+are removed by renaming them into `trash/` first, so a removal cut short never
+leaves a half-deleted step that looks finished.
+
+Saves are asynchronous (orbax's async checkpointing): `save_params` and
+`save_state` copy the tree on the host, start orbax's write in its background
+thread and return, so training goes on while the files are written. At most
+one save is in flight: the next save, `wait`, `close` and every read first
+wait for it to finish and then seal it (in the caller's thread), so steps are
+sealed in the order they were saved, a resume state's save starts only after
+every earlier stream checkpoint is sealed, and old resume states are removed
+only after the new one is sealed. A crash while a save is in flight leaves
+its temporary directory (removed at the next start) or an unsealed complete
+step; either way the workdir resumes from the newest complete resume state
+and drops the stream checkpoints after it, as after a crash in a synchronous
+save (tests/test_checkpoints.py, tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -102,13 +115,31 @@ if not getattr(sys.unraisablehook, "icldyn", False):
 @contextlib.contextmanager
 def _orbax_errors_quiet():
   """Orbax logs each failed write with a traceback; icldyn reports it once, in one line."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)
+  quiet = _AbslQuiet()
+  quiet.enter()
   try:
     yield
   finally:
-    logger.setLevel(level)
+    quiet.exit()
+
+
+class _AbslQuiet:
+  """`_orbax_errors_quiet` held across calls: an asynchronous save's failure is
+  logged by orbax's background thread, between the save and the wait."""
+
+  def __init__(self):
+    self.level = None
+
+  def enter(self) -> None:
+    if self.level is None:
+      logger = logging.getLogger("absl")
+      self.level = logger.level
+      logger.setLevel(logging.CRITICAL)
+
+  def exit(self) -> None:
+    if self.level is not None:
+      logging.getLogger("absl").setLevel(self.level)
+      self.level = None
 
 
 class _ReadOnlyNotes(logging.Filter):
@@ -226,15 +257,29 @@ def _faulty_tmp_path_class():
 
 
 class Store:
-  """The checkpoints of one group: a params stream and resume states."""
+  """The checkpoints of one group: a params stream and resume states.
+
+  Args:
+    workdir: the workdir.
+    group: the compile group.
+    read_only: open for reading only (analysis).
+    on_sealed: called as `on_sealed(kind, step, path)` after each checkpoint
+      this store saved is sealed (its files complete and its manifest written).
+  """
 
   KEEP_RESUME = 2
 
-  def __init__(self, workdir: str, group: int, read_only: bool = False):
+  def __init__(self, workdir: str, group: int, read_only: bool = False,
+               on_sealed: Callable[[str, int, str], None] | None = None):
     self.base = os.path.join(os.path.abspath(workdir), wd_lib.CHECKPOINTS_DIR, f"g{group}")
     self.read_only = read_only
-    opts = dict(enable_async_checkpointing=False, create=not read_only, read_only=read_only,
-                cleanup_tmp_directories=not read_only)
+    self.on_sealed = on_sealed
+    self._pending: tuple[str, int] | None = None  # the save in flight: (kind, step)
+    self._quiet = _AbslQuiet()
+    # Asynchronous saves: orbax writes in a background thread while training
+    # goes on; `_settle` waits for it and seals.
+    opts = dict(enable_async_checkpointing=not read_only, create=not read_only,
+                read_only=read_only, cleanup_tmp_directories=not read_only)
     if jax.process_count() > 1:
       # Several processes train one grid, and only this one reads or writes the
       # checkpoints (icldyn.distributed: process 0 writes the workdir from
@@ -260,8 +305,13 @@ class Store:
                                    options=ocp.CheckpointManagerOptions(**self._opts))
 
   def _reopen(self, kind: str) -> None:
-    """A fresh manager: a failed restore can leave orbax's guess of the item layout wrong."""
-    getattr(self, kind).close()
+    """A fresh manager: a failed restore can leave orbax's guess of the item layout wrong,
+    and a failed save its background state."""
+    try:
+      with _orbax_errors_quiet():
+        getattr(self, kind).close()
+    except Exception:  # the failure being handled, raised again by orbax's close
+      pass
     setattr(self, kind, self._manager(kind))
 
   # -- paths and housekeeping
@@ -317,37 +367,81 @@ class Store:
 
   # -- writing
 
+  def _write_error(self, kind: str, step: int, e: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"cannot write the {kind} checkpoint at step {step} ({self.path(kind, step)}): "
+        f"{_reason(e)}")
+
   def _save(self, kind: str, step: int, tree: Any) -> None:
+    """Starts saving `tree` (after sealing the save in flight, if any) and returns."""
+    self._settle()
     manager = getattr(self, kind)
     if os.path.isdir(self.path(kind, step)):
       if os.path.exists(os.path.join(self.path(kind, step), MANIFEST)):
         return  # saved (and sealed) before
       self._discard(kind, step)  # unsealed: redo
+    # A copy: the caller's arrays may change (or, on CPU, be views of device
+    # buffers that a later chunk reuses) while orbax writes in the background.
+    tree = jax.tree.map(lambda x: np.array(x) if isinstance(x, np.ndarray) else x,
+                        jax.device_get(tree))
+    self._quiet.enter()  # until `_settle`: a failure is logged from orbax's thread
     try:
-      with _orbax_errors_quiet():
-        manager.save(step, args=ocp.args.StandardSave(tree))
-        manager.wait_until_finished()
+      manager.save(step, args=ocp.args.StandardSave(tree))
+    except Exception as e:  # ENOSPC, EACCES, ... surface as assorted orbax/tensorstore errors
+      self._quiet.exit()
+      self._reopen(kind)
+      raise self._write_error(kind, step, e) from e
+    self._pending = (kind, step)
+
+  def _settle(self) -> None:
+    """Waits for the save in flight (if any) to finish, then seals it.
+
+    Raises:
+      CheckpointWriteError: the background write failed (the step is left
+        unsealed or absent: a later start redoes or ignores it).
+    """
+    if self._pending is None:
+      return
+    kind, step = self._pending
+    self._pending = None
+    try:
+      try:
+        getattr(self, kind).wait_until_finished()
+        getattr(self, kind).check_for_errors()
+      finally:
+        self._quiet.exit()
+      if not os.path.isdir(self.path(kind, step)):  # orbax logged the failure and went on
+        raise OSError(f"orbax did not finish writing {self.path(kind, step)}")
       faults.hit("before_manifest")
       seal(self.path(kind, step))
-    except Exception as e:  # ENOSPC, EACCES, ... surface as assorted orbax/tensorstore errors
-      raise CheckpointWriteError(
-          f"cannot write the {kind} checkpoint at step {step} ({self.path(kind, step)}): "
-          f"{_reason(e)}") from e
+    except Exception as e:
+      self._reopen(kind)
+      raise self._write_error(kind, step, e) from e
     faults.hit("after_checkpoint")
+    if kind == "resume":  # the new state is sealed: the older ones may go
+      for old in self._steps("resume")[:-self.KEEP_RESUME]:
+        self._discard("resume", old)
+      self._empty_trash()
+    if self.on_sealed is not None:
+      self.on_sealed(kind, step, self.path(kind, step))
+
+  def wait(self) -> None:
+    """Waits for the save in flight and seals it (`CheckpointWriteError` if it failed)."""
+    self._settle()
 
   def save_params(self, step: int, params: Any) -> None:
-    """Saves stacked params [R, ...] at `step` sequences (numpy on host)."""
-    self._save("stream", step, jax.device_get(params))
+    """Starts saving stacked params [R, ...] at `step` sequences (returns before
+    the files are written; `wait` or the next save seals them)."""
+    self._save("stream", step, params)
 
   def save_state(self, step: int, state: Any) -> None:
-    """Saves a resume state at `step` sequences; keeps the two newest."""
-    self._save("resume", step, jax.device_get(state))
-    for old in self._steps("resume")[:-self.KEEP_RESUME]:
-      self._discard("resume", old)
-    self._empty_trash()
+    """Starts saving a resume state at `step` sequences; once it is sealed, only
+    the two newest are kept."""
+    self._save("resume", step, state)
 
   def drop_stream_after(self, step: int) -> list[int]:
     """Removes stream checkpoints past `step` (a resume rewrites them); returns their steps."""
+    self._settle()
     dropped = [s for s in self._steps("stream") if s > step]
     for s in dropped:
       self._discard("stream", s)
@@ -358,6 +452,7 @@ class Store:
 
   def resume_steps(self) -> list[int]:
     """Steps of the resume states (not yet checked)."""
+    self._settle()
     return self._steps("resume")
 
   def restore_state(self, step: int, like: Any, trim_runs: bool = False) -> Any:
@@ -374,6 +469,7 @@ class Store:
       CheckpointDamaged: a file differs from its manifest, or unsealed and unreadable.
       CheckpointMismatch: intact, but not shaped like `like` (another icldyn version).
     """
+    self._settle()
     path = self.path("resume", step)
     sealed = self._verify("resume", step)
     try:
@@ -429,6 +525,8 @@ class Store:
     return None, None, damaged
 
   def stream_steps(self) -> list[int]:
+    """Steps of the stream checkpoints."""
+    self._settle()
     self.stream.reload()
     return sorted(self.stream.all_steps())
 
@@ -438,6 +536,7 @@ class Store:
     Raises:
       CheckpointDamaged: a file differs from the manifest, or unreadable.
     """
+    self._settle()
     self._verify("stream", step)
     try:
       with _orbax_errors_quiet():
@@ -446,9 +545,23 @@ class Store:
       self._reopen("stream")
       raise CheckpointDamaged("stream", step, self.path("stream", step), _reason(e)) from e
 
-  def close(self) -> None:
-    self.stream.close()
-    self.resume.close()
+  def close(self, abandon: bool = False) -> None:
+    """Seals the save in flight, then closes the managers.
+
+    Args:
+      abandon: for a store closed while an error propagates: a save that
+        cannot be finished is left unsealed (a later start redoes or ignores
+        it) instead of raising over that error.
+    """
+    try:
+      self._settle()
+    except CheckpointWriteError:
+      if not abandon:
+        raise
+    finally:
+      self._quiet.exit()
+      self.stream.close()
+      self.resume.close()
 
 
 def stream_steps(workdir: str, group: int) -> list[int]:
