@@ -177,13 +177,19 @@ def bench_loop(steps: int, batch: int, task: str = "fewshot") -> float:
   return steps / (time.perf_counter() - t0)
 
 
-def bench_patching(n_runs: int = 64, checkpoints: int = 50, size: int = 128, block: int = 5
-                   ) -> dict:
+def bench_patching(n_runs: int = 64, checkpoints: int = 50, size: int = 128, block: int = 5,
+                   circuit_edges: int = 0) -> dict:
   """`icldyn patch`'s path-patching matrix of the paper model (every layer-0 head to
   every layer-1 head through q, k, v: 8 x 8 x 3, and all 16 heads to the
   logits) for `n_runs` runs x `checkpoints` checkpoints, in memory: random
   parameters per run, scaled per checkpoint; reading checkpoints and
-  writing the CSV are not timed. Compile time apart."""
+  writing the CSV are not timed. Compile time apart. With `circuit_edges`,
+  the edge-level circuit scores (`core.edge_scores`, 8 sampled subsets) of a
+  circuit of that many edges per run over the same stream instead.
+
+  Besides wall times, the process's CPU time over each timed part: on a
+  host whose 2 cores are shared, CPU seconds / wall seconds says how much of
+  the machine the benchmark got (2.0: both cores throughout)."""
   import jax
   import numpy as np
   from icldyn import build, model as model_lib
@@ -193,23 +199,50 @@ def bench_patching(n_runs: int = 64, checkpoints: int = 50, size: int = 128, blo
   params = jax.device_get(jax.vmap(lambda s: model_lib.init_params(spec, s))(
       np.asarray(pg.props.init_seed)))
   data = program.put(program.make_data(pg.static, pg.table, pg.props, None, size))
-  fn = program.path_program(pg.static, core.Edges.every(spec))
   stacked = lambda k: program.stack_block(  # noqa: E731
       [jax.tree.map(lambda x: x * (1 + 0.01 * (k + j)), params) for j in range(block)], block)
-  t = time.perf_counter()
-  jax.block_until_ready(fn(stacked(0), data))
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for k in range(0, checkpoints, block):
-    jax.block_until_ready(fn(stacked(k), data))
-  return {"patching_s": time.perf_counter() - t, "compile_s": compile_s,
-          "edges": 8 * 8 * 3 + 16, "runs": n_runs, "checkpoints": checkpoints, "size": size}
+  blocks = [stacked(k) for k in range(0, checkpoints, block)]
+
+  def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+  def timed(fn, *args) -> dict:
+    t, c = time.perf_counter(), cpu()
+    jax.block_until_ready(fn(blocks[0], *args))
+    compile_s = time.perf_counter() - t
+    per, t, c = [], time.perf_counter(), cpu()
+    for b in blocks:
+      t1 = time.perf_counter()
+      jax.block_until_ready(fn(b, *args))
+      per.append(time.perf_counter() - t1)
+    wall = time.perf_counter() - t
+    return {"s": wall, "compile_s": compile_s, "cpu_s": cpu() - c,
+            "block_median_s": statistics.median(per), "block_max_s": max(per)}
+
+  out = {"edges": 8 * 8 * 3 + 16, "runs": n_runs, "checkpoints": checkpoints, "size": size,
+         "block": block}
+  if not circuit_edges:
+    path = timed(program.path_program(pg.static, core.Edges.every(spec)), data)
+    out.update({"patching_s": path["s"], "compile_s": path["compile_s"], "cpu_s": path["cpu_s"],
+                "block_median_s": path["block_median_s"], "block_max_s": path["block_max_s"]})
+  else:
+    every = np.asarray(core.flat_edges(core.every_edge(spec)))
+    valid = np.nonzero(every)[0]
+    pick = valid[np.linspace(0, len(valid) - 1, circuit_edges).astype(int)]
+    masks = np.zeros((n_runs, every.size), bool)
+    masks[:, pick] = True
+    index = np.broadcast_to(pick.astype(np.int32), (n_runs, circuit_edges)).copy()
+    sc = timed(program.edge_circuit_program(pg.static), data, masks, index)
+    out.update({"circuit_edges": circuit_edges, "scores_s": sc["s"],
+                "scores_compile_s": sc["compile_s"], "scores_cpu_s": sc["cpu_s"]})
+  return out
 
 
 def _child(args) -> None:
   import jax
   if args.patching_child:
-    out = bench_patching(args.one, args.patching)
+    out = bench_patching(args.one, args.patching, circuit_edges=args.circuit_edges)
   elif args.one == 0:
     out = {"loop_steps_per_s": bench_loop(args.steps, args.batch, args.task)}
     if args.task == "fewshot":
@@ -257,6 +290,10 @@ def main(argv=None) -> None:
   p.add_argument("--patching", type=int, default=50, metavar="CHECKPOINTS",
                  help="checkpoints of the 64-run path-patching benchmark (0: skip)")
   p.add_argument("--patching-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--circuit-edges", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--scores", type=int, default=5, metavar="CHECKPOINTS",
+                 help="checkpoints of the 64-run edge-level circuit-score benchmark, a "
+                      "10-edge circuit per run (0: skip)")
   args = p.parse_args(argv)
   if args.one is not None:
     _child(args)
@@ -309,10 +346,22 @@ def main(argv=None) -> None:
           f"5000 sequences, checkpoints, metrics): {rate:.0f} run-steps/s = {rate / loop:.1f} x "
           f"loop ({r['seconds']:.1f} s, {r['devices']} devices)", flush=True)
   if args.patching:
+    load = os.getloadavg()[0]
     r = _run_child(["--one", "64", "--patching-child", "--patching", str(args.patching)], env)
+    load = max(load, os.getloadavg()[0])
     print(f"path patching (icldyn patch), 64 runs x {r['checkpoints']} checkpoints x "
           f"{r['edges']} edges, {r['size']} sequences: {r['patching_s']:.1f} s "
-          f"(+ {r['compile_s']:.1f} s compiling; {r['devices']} devices)", flush=True)
+          f"(target <= 300 s; + {r['compile_s']:.1f} s compiling; {r['devices']} devices; "
+          f"{r['cpu_s'] / r['patching_s']:.2f} of {os.cpu_count()} cores busy, 1-min load "
+          f"average up to {load:.1f}; {r['block_median_s']:.1f} s per block of {r['block']} "
+          f"checkpoints, median)", flush=True)
+  if args.scores:
+    r = _run_child(["--one", "64", "--patching-child", "--patching", str(args.scores),
+                    "--circuit-edges", "10"], env)
+    print(f"circuit scores, edge level (icldyn patch), 64 runs x {r['checkpoints']} checkpoints, "
+          f"{r['circuit_edges']} edges per run, 8 subsets, {r['size']} sequences: "
+          f"{r['scores_s']:.1f} s (+ {r['scores_compile_s']:.1f} s compiling; "
+          f"{r['scores_cpu_s'] / r['scores_s']:.2f} cores busy)", flush=True)
   if not args.skip_analysis:
     try:
       from icldyn import bench_analysis

@@ -130,7 +130,23 @@ def _parser(epilogs: bool = False) -> argparse.ArgumentParser:
   pa.add_argument("--size", type=int, default=128, help="sequences per run (default 128)")
   pa.add_argument("--direction", default="noising", choices=["noising", "denoising"])
   pa.add_argument("--ablation", default="mean", choices=["mean", "zero"])
-  pa.add_argument("--no-scores", action="store_true", help="skip the circuit scores")
+  pa.add_argument("--scores", default="edges", choices=["edges", "heads", "both", "none"],
+                  help="circuit scores: of its edges, path-level ablation (default), of its "
+                       "heads, head knockouts, both, or none")
+  pa.add_argument("--no-scores", action="store_true", help="the same as --scores none")
+  pa.add_argument("--samples", type=int, default=8,
+                  help="sampled subsets per completeness and minimality score (default 8)")
+  pa.add_argument("--unclamped", action="store_true",
+                  help="patch without the runs' training clamps (default: with them, the "
+                       "model that was trained)")
+  pa.add_argument("--block", type=int, default=4, help="checkpoints per call (default 4)")
+  pa.add_argument("--chunk", type=int, default=None,
+                  help="runs side by side (default: 8 on a CPU, all on an accelerator; 0: all)")
+  pa.add_argument("--batch-size", type=int, default=None,
+                  help="interventions side by side inside a run: senders, scored sets "
+                       "(default: all). Memory grows with chunk x batch size x --size x "
+                       "sequence length^2: e.g. --size 64 --chunk 2 --batch-size 8 for the "
+                       "token task")
   pa.add_argument("--quiet", action="store_true")
 
   dn = sub.add_parser("densify", help="re-run around each transition, saving dense checkpoints")
@@ -239,8 +255,10 @@ def cmd_patch(args) -> int:
     raise ConfigError("--size", f"must be at least 1, got {args.size}")
   command.patch(args.workdir, args.corruption, args.senders, args.receivers, args.inputs,
                 circuit=args.circuit, threshold=args.threshold, size=args.size,
-                direction=args.direction, ablation=args.ablation, scores=not args.no_scores,
-                quiet=args.quiet)
+                direction=args.direction, ablation=args.ablation,
+                scores="none" if args.no_scores else args.scores, clamped=not args.unclamped,
+                num_samples=args.samples, block=args.block, chunk=args.chunk,
+                batch_size=args.batch_size, quiet=args.quiet)
   return 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_config
+from conftest import run_python, tiny_config
 from icldyn import build, cli
 from icldyn import model as model_lib
 from icldyn import runner
@@ -256,6 +256,137 @@ def test_knockouts_faithfulness_and_the_all_knocked_out_baseline(fewshot):
   assert np.all(np.isfinite(np.asarray(m["minimality"])[part]))
 
 
+def np_mean_ablated_logits(spec, params, acts, num):
+  """The all-knocked-out mean-ablation baseline in numpy: the embedding plus every
+  head's mean output (over the batch, per position), read by the unembedding."""
+  resid = np.asarray(acts["embed"])
+  for l in range(spec.num_layers):
+    zbar = np.asarray(acts[f"layer_{l}"]["attn"]["z"]).mean(0)  # [T, H, dh]
+    resid = resid + np.einsum("the,hed->td", zbar, np.asarray(params[f"layer_{l}"]["attn"]["w_o"]))
+  x = np_layer_norm(resid[:, 0::2], np.asarray(params["ln_final"]["scale"]),
+                    np.asarray(params["ln_final"]["bias"]))
+  logits = x @ np.asarray(params["unembed"]["kernel"]) + np.asarray(params["unembed"]["bias"])
+  logits[..., int(num):] = -np.inf
+  return logits
+
+
+def test_edge_ablation_is_the_two_pass_reference(fewshot):
+  """A random edge set, mean-ablated path by path, against the forward passes
+  written out: layer-1 q, k, v per head from its own residual stream (numpy),
+  then the logits from the final stream with the ablated direct paths."""
+  pg, spec, params, batch, num = fewshot
+  labels = np.asarray(batch.labels)
+  nl, h = spec.num_layers, spec.num_heads
+  n = nl * h
+  rng = np.random.default_rng(0)
+  keep = core.EdgeSet(heads=rng.random((n, n, 3)) < 0.5, logits=rng.random(n) < 0.5)
+  means = core.head_means(spec, params, batch, num)
+  got = jax.jit(lambda p: core.edge_ablate(spec, p, batch, num, keep, means))(params)
+  _, acts = model_lib.apply(spec, params, batch, num)  # pass 1: layer 0 reads only the embedding
+  zbar = [np.asarray(acts[f"layer_{l}"]["attn"]["z"]).mean(0) for l in range(nl)]
+  w_o = [np.asarray(params[f"layer_{l}"]["attn"]["w_o"]) for l in range(nl)]
+  l1 = params["layer_1"]
+  resid1 = np.asarray(acts["layer_1"]["resid_pre"])
+  z0 = np.asarray(acts["layer_0"]["attn"]["z"])
+  clamps = {}
+  for i, name in enumerate(core.INPUTS):
+    full = np.array(acts["layer_1"]["attn"][name])
+    for r in range(h):
+      resid = resid1.copy()
+      for s in range(h):  # senders: layer-0 heads
+        if not keep.heads[s, h + r, i]:
+          resid += (zbar[0][None, :, s] - z0[:, :, s]) @ w_o[0][s]
+      x = np_layer_norm(resid, np.asarray(l1["ln"]["scale"]), np.asarray(l1["ln"]["bias"]))
+      y = x @ np.asarray(l1["attn"][f"w_{name}"][:, r])
+      full[:, :, r] = np_rope(y) if name != "v" else y
+    clamps[name] = Clamp(full, True)
+  _, acts2 = model_lib.apply(spec, params, batch, num, {"layer_1": {"attn": clamps}})  # pass 2
+  final = np.array(acts2["layer_1"]["resid_post"])
+  for s in range(n):
+    l, hh = divmod(s, h)
+    if not keep.logits[s]:
+      final += (zbar[l][None, :, hh] - np.asarray(acts2[f"layer_{l}"]["attn"]["z"])[:, :, hh]) @ w_o[l][hh]
+  logits, _ = model_lib.apply(spec, params, batch, num,  # pass 3
+                              {"layer_1": {"attn": clamps, "resid_post": Clamp(final, True)}})
+  ref = np_logit_diff(logits, labels)
+  full_model = np_logit_diff(model_lib.apply(spec, params, batch, num)[0], labels)
+  assert abs(ref - full_model) > 1e-2  # the ablation changes the metric
+  # float32 both ways; the library adds f(r') - f(r) to the model's q, k, v,
+  # the reference writes f(r'): rounding of order 1e-6 of the activations.
+  np.testing.assert_allclose(np_logit_diff(got, labels), ref, rtol=1e-3, atol=1e-5)
+
+
+def test_edge_scores_full_circuit_and_the_all_ablated_baseline(fewshot):
+  pg, spec, params, batch, num = fewshot
+  readout = corrupt.permute_labels(batch)[1]
+  labels = np.asarray(batch.labels)
+  full = core.flat_edges(core.every_edge(spec))
+  index = jnp.asarray(np.r_[np.nonzero(np.asarray(full))[0][[0, 5, -1]], -1])
+  means = core.head_means(spec, params, batch, num)
+  key = jax.random.PRNGKey(0)
+  fn = jax.jit(lambda p, c: core.edge_scores(spec, p, batch, num, readout, c, index, means, key, 2))
+  s = fn(params, full)
+  clean_logits, acts = model_lib.apply(spec, params, batch, num)
+  # Every edge kept reproduces the model bitwise, in the same program as F(C).
+  assert float(s["faithfulness"]) == 1.0 and float(s["completeness"]) == 0.0
+  np.testing.assert_allclose(float(s["F_model"]), np_logit_diff(clean_logits, labels), rtol=1e-5)
+  # Every edge ablated: the embedding plus every head's mean, written out in numpy.
+  base = np_logit_diff(np_mean_ablated_logits(spec, params, acts, num), labels)
+  np.testing.assert_allclose(float(s["F_empty"]), base, rtol=1e-4, atol=1e-5)
+  empty = fn(params, jnp.zeros_like(full))
+  np.testing.assert_allclose(float(empty["F_circuit"]), base, rtol=1e-4, atol=1e-5)
+  mini = np.asarray(s["minimality"])
+  assert np.all(np.isfinite(mini[:3])) and np.isnan(mini[3]) and np.max(mini[:3]) > 0
+
+
+def test_edge_circuit_sets_follow_the_definitions():
+  valid = jnp.asarray([True, True, True, False, True, True])
+  c = jnp.asarray([True, False, True, True, True, False])  # entry 3 is not an edge
+  index = jnp.asarray([0, 2, -1])
+  sets = jax.device_get(core.edge_circuit_sets(c, valid, index, jax.random.PRNGKey(1), 4))
+  cc = np.asarray(c & valid)
+  np.testing.assert_array_equal(sets["fixed"], [np.asarray(valid), cc, np.zeros(6, bool)])
+  comp = sets["complete"]  # kept: C \ K, M \ K
+  k = cc & ~comp[0]
+  np.testing.assert_array_equal(comp[1], np.asarray(valid) & ~k)
+  np.testing.assert_array_equal(comp[0][0], np.zeros(6, bool))  # the first K is C
+  mini = sets["minimal"]  # kept: C \ (K + e), C \ K
+  for p, e in enumerate([0, 2]):
+    np.testing.assert_array_equal(mini[1, p, 0], cc)  # the first K is empty
+    assert np.all(mini[1, p, :, e]) and not np.any(mini[0, p, :, e])
+    np.testing.assert_array_equal(np.delete(mini[0, p], e, 1), np.delete(mini[1, p], e, 1))
+  np.testing.assert_array_equal(mini[0, 2], mini[1, 2])  # padding: no edge removed (scored NaN)
+
+
+def test_patching_runs_under_the_training_clamps():
+  """keep_head=0 ablates layer-1 head 1 in training; the patched model must too."""
+  pg = build.prepare(tiny_config(), ["clamp.keep_head=-1,0"]).groups[0]
+  spec, static = pg.static.model, pg.static
+  assert static.plan is not None
+  params = jax.device_get(jax.tree.map(lambda x: 3.0 * x, model_lib.init_params(spec, 3)))
+  r = 1  # the clamped run
+  props = jax.tree.map(lambda x: x[r], pg.props)
+  batch = jax.tree.map(lambda x: x[r], measures.eval_batch(static, pg.table, pg.props, 16))
+  corrupted, readout = corrupt.permute_labels(batch)
+  edges = core.Edges.every(spec)
+  num = props.data.num_outputs
+
+  def patch(plan):
+    return jax.jit(lambda p, c: core.path_patch(spec, p, batch, corrupted, num, readout, edges,
+                                                plan=plan, clamp_params=c))(params, props.clamp)
+  on, off = patch(static.plan), patch(None)
+  trained, _ = jax.jit(lambda p, c: static.plan.forward(spec, p, batch, num, c))(params, props.clamp)
+  # Two programs (the patching one batches the pass): float32 rounding apart.
+  np.testing.assert_allclose(on["base"]["logit_diff"],
+                             core.readout_metrics(trained, readout)["logit_diff"], rtol=1e-5)
+  assert abs(float(off["base"]["logit_diff"]) - float(on["base"]["logit_diff"])) > 1e-3
+  # Under the clamp, L1H1's output is ablated: no path into it or out of it carries anything.
+  ri = edges.receivers.index((1, 1))
+  np.testing.assert_array_equal(np.asarray(on["heads"]["logit_diff"])[:2, ri], 0.0)
+  assert float(on["logits"]["logit_diff"][3]) == 0.0
+  assert np.max(np.abs(np.asarray(off["heads"]["logit_diff"])[:2, ri])) > 1e-3
+
+
 def test_circuit_sets_follow_the_definitions():
   c = np.zeros((2, 3), bool)
   c[0, 1] = c[1, 0] = c[1, 2] = True
@@ -299,6 +430,42 @@ def test_the_group_program_equals_the_per_run_result():
       for metric, v in single[part].items():
         # Batched and unbatched programs may round differently (float32).
         np.testing.assert_allclose(grid[part][metric][0, r], v, rtol=1e-5, atol=1e-6)
+
+
+# A subprocess with 2 CPU devices compiling the group program and 3 per-run
+# programs: about 40 s on 2 cores, hence slow.
+@pytest.mark.slow
+def test_the_group_program_pads_and_splits_runs_over_devices():
+  out = run_python("""
+import jax, jax.numpy as jnp, numpy as np
+from icldyn import build, model as model_lib
+from icldyn.config import base_config, set_field
+from icldyn.patching import core, program
+c = base_config()
+for k, v in {"model.d_model": 16, "model.num_heads": 2, "data.dim": 16, "data.num_labels": 5,
+             "data.num_train_classes": 12, "data.num_test_classes": 6, "eval.size": 32,
+             "eval.batch": 32}.items():
+  set_field(c, k, v)
+pg = build.prepare(c, ["seeds.init=0,1,2"]).groups[0]
+spec, edges = pg.static.model, core.Edges.every(pg.static.model)
+params = jax.device_get(jax.vmap(lambda s: model_lib.init_params(spec, s))(
+    jnp.asarray(pg.props.init_seed)))
+data = program.make_data(pg.static, pg.table, pg.props, None, 8)
+assert len(jax.devices()) == 2
+grid = jax.device_get(program.path_program(pg.static, edges, chunk=1)(
+    program.stack_block([params], 1), data))
+single = jax.jit(lambda p, c, k, ro, n: core.path_patch(spec, p, c, k, n, ro, edges))
+for r in range(3):
+  one = lambda x: x[r]
+  ref = single(jax.tree.map(one, params), jax.tree.map(one, data.clean),
+               jax.tree.map(one, data.corrupted), jax.tree.map(one, data.readout),
+               data.num_outputs[r])
+  for part in ("heads", "logits", "base"):
+    np.testing.assert_allclose(grid[part]["logit_diff"][0, r], ref[part]["logit_diff"],
+                               rtol=1e-5, atol=1e-6)
+print("OK", grid["heads"]["logit_diff"].shape)
+""", devices=2)
+  assert "OK (1, 3, 4, 2, 3)" in out, out
 
 
 @pytest.mark.slow  # about 25 s on 2 cores
@@ -381,10 +548,14 @@ def test_patch_command_writes_the_matrix_timings_and_scores(token_workdir, capsy
   ours = phases[phases["curve"].str.startswith("patching/")]
   assert set(ours["curve"]) <= {"patching/L0H0->L1H1.k", "patching/L1H1->logits"}
   assert len(ours) > 0 and set(ours["run"]) <= {0, 1}
+  summ = pd.read_csv(os.path.join(token_workdir, wd_lib.SUMMARY_CSV))  # summarised per setting
+  assert set(summ[summ["curve"].str.startswith("patching/")]["curve"]) == set(ours["curve"])
   circ = pd.read_csv(os.path.join(token_workdir, wd_lib.CIRCUIT_CSV))
+  assert list(circ.columns) == list(wd_lib.CIRCUIT_COLUMNS)
   assert set(circ["score"]) >= {"faithfulness", "completeness", "minimality", "F_empty"}
+  assert set(circ["level"]) == {"edges"}  # the default: the circuit's edges
   mini = circ[circ["score"] == "minimality"]
-  assert {(int(a), int(b)) for a, b in zip(mini["layer"], mini["head"])} == {(0, 0), (1, 1)}
+  assert set(mini["node"]) == {"L0H0->L1H1.k", "L1H1->logits"}
   meta = json.load(open(os.path.join(token_workdir, command.PATCHING_JSON)))
   assert meta["corruption"] == "resample"
   assert "Circuit edges by run" in capsys.readouterr().out
@@ -401,6 +572,8 @@ def test_patch_command_writes_the_matrix_timings_and_scores(token_workdir, capsy
     (["--senders", "L5H0"], "--senders"),
     (["--inputs", "q,x"], "--inputs"),
     (["--circuit", "L0H0->L1H1"], "--circuit"),
+    (["--circuit", "L1H0->L1H1.k"], "--circuit"),
+    (["--chunk", "-1"], "--chunk"),
 ])
 def test_patch_bad_input_is_one_line(token_workdir, capsys, args, field):
   assert cli.main(["patch", "--workdir", token_workdir, *args]) == 2

@@ -620,7 +620,15 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
 
   t1 = time.time()
   rows = phase_rows(wd, curve_data, estimators)
-  write_csv(paths["phase_changes"], ["run", *wd.settings, *TIMING_COLUMNS], rows)
+  columns = ["run", *wd.settings, *TIMING_COLUMNS]
+  if os.path.isfile(paths["phase_changes"]):
+    # Edge timings of an earlier `icldyn patch` stay (and are summarised): they
+    # come from patching, which this command does not redo.
+    edges = [r for r in wd_lib.read_csv(paths["phase_changes"])
+             if r.get("curve", "").startswith(wd_lib.PATCHING_CURVE_PREFIX)]
+    if edges and list(edges[0].keys()) == columns:
+      rows = rows + edges
+  write_csv(paths["phase_changes"], columns, rows)
   summ = summary_rows(rows, wd.settings, n_boot=n_boot)
   keys = [s for s in wd.settings if not s.startswith("seeds.")]
   write_csv(paths["summary"], [*keys, *SUMMARY_COLUMNS], summ)

@@ -87,7 +87,7 @@ class Plan:
   slots: tuple[Slot, ...]
   fixed: tuple[ClampSpec, ...] | None = None
 
-  def forward(self, spec, params, batch, num_outputs, clamp_params):
+  def forward(self, spec, params, batch, num_outputs, clamp_params, extra: dict | None = None):
     """Logits and activations of one run under this plan.
 
     Args:
@@ -97,13 +97,16 @@ class Plan:
       num_outputs: [] the run's output count.
       clamp_params: the run's slice of the per-run clamp arrays (ignored by a
         fixed plan).
+      extra: a clamp tree applied under the plan's clamps (interventions on
+        the clamped model, e.g. `icldyn.patching`): where both set an entry,
+        the plan's clamp wins, since it is part of the model that was trained.
 
     Returns:
       (logits [B, R, L], acts), as `model.apply`.
     """
     p = clamp_params if self.fixed is None else run_params(self.slots, self.fixed, spec)
     ctx = Context(spec, params, batch, num_outputs)
-    tree = merge(*(s.tree(ctx, p[s.key]) for s in self.slots))
+    tree = merge(extra or {}, *(s.tree(ctx, p[s.key]) for s in self.slots))
     logits, acts = ctx.run(tree)
     for s in self.slots:
       logits, acts = s.post(ctx, p[s.key], logits, acts)

@@ -3,7 +3,7 @@
     patch(workdir, corruption=None, senders=None, receivers=None, inputs='q,k,v', ...)
     writes (docs/interfaces.md)
       DIR/analysis/patching.csv        step,run,sender,receiver,input,metric,value
-      DIR/analysis/circuit.csv         step,run,score,layer,head,value
+      DIR/analysis/circuit.csv         step,run,level,score,node,value
       DIR/analysis/patching.json       the settings and each run's circuit edges
     and adds one curve per circuit edge to DIR/analysis/phase_changes.csv
     (`patching/L0H3->L1H5.k`, `patching/L1H5->logits`; rows of an earlier
@@ -20,9 +20,16 @@ itself.
 The circuit of a run is a list of edges: given (`circuit=`, the same for
 every run), or by default the edges whose logit-difference effect at the
 last checkpoint is at least `threshold` times the run's largest one in
-magnitude. Its nodes (the heads in its edges) are scored at every
-checkpoint by faithfulness, completeness and per-node minimality
-(`core.circuit_scores`). Each circuit edge's curve, its effect divided by
+magnitude. It is scored at every checkpoint by faithfulness, completeness
+and per-edge minimality with every edge outside it mean-ablated path by
+path (`core.edge_scores`, level `edges`, the default); `scores='heads'`
+(or 'both') also scores its nodes, the heads in its edges, with every
+other head knocked out (`core.circuit_scores`, level `heads`).
+
+Every pass runs under the runs' training clamps (`clamped=True`, the
+default): a run trained with a clamped head is patched as the model that
+was trained, the clamped entries fixed as in training (`core.forward`);
+`clamped=False` patches the same parameters without them. Each circuit edge's curve, its effect divided by
 its effect at the last checkpoint, is timed as a rising curve (level 0.5:
 when the edge carries half its final effect) by every estimator of
 `icldyn.analysis.timing`, so "when did edge L0H3 -> L1H5 (k) form" is a row of
@@ -56,10 +63,11 @@ from icldyn.tasks import corrupt as corrupt_lib
 
 log = logging.getLogger(__name__)
 
-SOURCE = "patching"  # curve source of the edge timings in phase_changes.csv
+SOURCE = wd_lib.PATCHING_CURVE_PREFIX.rstrip("/")  # curve source of the edge timings
 LOGITS = "logits"
 PATCHING_JSON = wd_lib.PATCHING_JSON
 SIZE = 128  # sequences per run in the clean and corrupted batches
+SCORE_LEVELS = ("edges", "heads", "both", "none")
 THRESHOLD = 0.2  # default circuit: edges with |final effect| >= this share of the largest
 LEVEL = 0.5  # an edge has formed when it carries this share of its final effect
 
@@ -119,7 +127,10 @@ def parse_circuit(text: str | Sequence[str] | None, spec) -> list[str] | None:
     if not m:
       raise ConfigError("--circuit", f"expected edges like L0H3->L1H5.k or L1H5->logits, got {item!r}")
     heads = [m[1]] + ([m[2].split(".")[0]] if m[2] != LOGITS else [])
-    parse_heads(heads, spec, "--circuit")
+    found = parse_heads(heads, spec, "--circuit")
+    if len(heads) == 2 and found[0][0] >= found[-1][0]:
+      raise ConfigError("--circuit", f"{item}: the sender must be in an earlier layer than the "
+                        "receiver")
   if not items:
     raise ConfigError("--circuit", "no edges given")
   return items
@@ -146,6 +157,36 @@ def edge_columns(edges: core.Edges) -> list[tuple[str, str, str, tuple]]:
   return out
 
 
+def edge_index(name: str, spec) -> int:
+  """The flat index (`core.flat_edges`) of an edge `L0H3->L1H5.k` or `L1H5->logits`."""
+  m = _EDGE.match(name)
+  h, n = spec.num_heads, spec.num_layers * spec.num_heads
+  flat = lambda head: int(head[0]) * h + int(head[1])  # noqa: E731
+  s = flat(re.findall(r"\d+", m[1]))
+  if m[2] == LOGITS:
+    return n * n * 3 + s
+  receiver, inp = m[2].split(".")
+  return (s * n + flat(re.findall(r"\d+", receiver))) * 3 + core.INPUTS.index(inp)
+
+
+def circuit_edges(circuits: Sequence[Sequence[str]], spec) -> tuple[np.ndarray, np.ndarray]:
+  """Runs' circuits as `core.edge_scores` takes them.
+
+  Returns:
+    ([R, E] bool flat edge masks, [R, P] int flat indices of each circuit's
+    edges in order, padded with -1 to the largest circuit, P >= 1).
+  """
+  n = spec.num_layers * spec.num_heads
+  size = max([len(c) for c in circuits] + [1])
+  masks = np.zeros((len(circuits), n * n * 3 + n), bool)
+  index = np.full((len(circuits), size), -1, np.int32)
+  for i, c in enumerate(circuits):
+    idx = [edge_index(e, spec) for e in c]
+    masks[i, idx] = True
+    index[i, :len(idx)] = idx
+  return masks, index
+
+
 def circuit_nodes(edges: Sequence[str], spec) -> np.ndarray:
   """[L, H] bool: the heads named in a list of edges."""
   nodes = np.zeros((spec.num_layers, spec.num_heads), bool)
@@ -165,7 +206,9 @@ def _write_csv(path: str, columns: Sequence[str], rows: list[tuple]) -> None:
 
 
 def _merge_phase_rows(wd: loader.Workdir, rows: list[dict[str, Any]]) -> str:
-  """phase_changes.csv with earlier `patching/` rows replaced by `rows` (others kept)."""
+  """phase_changes.csv with earlier `patching/` rows replaced by `rows` (others
+  kept), and summary.csv recomputed from all of it, so the edge timings are
+  summarised per setting like every other curve."""
   path = os.path.join(wd.path, wd_lib.PHASE_CHANGES_CSV)
   columns = ["run", *wd.settings, *wd_lib.TIMING_COLUMNS]
   kept: list[dict[str, Any]] = []
@@ -175,6 +218,12 @@ def _merge_phase_rows(wd: loader.Workdir, rows: list[dict[str, Any]]) -> str:
       columns = list(old[0].keys())
     kept = [r for r in old if not r["curve"].startswith(SOURCE + "/")]
   analysis_command.write_csv(path, columns, kept + rows)
+  # Read back, so that the kept rows and the new ones have the same (text) types.
+  every = wd_lib.read_csv(path)
+  keys = [s for s in wd.settings if not s.startswith("seeds.")]
+  analysis_command.write_csv(os.path.join(wd.path, wd_lib.SUMMARY_CSV),
+                             [*keys, *wd_lib.SUMMARY_COLUMNS],
+                             analysis_command.summary_rows(every, wd.settings))
   return path
 
 
@@ -182,7 +231,8 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
           inputs: str | Sequence[str] = "q,k,v", *, circuit=None, threshold: float = THRESHOLD,
           size: int = SIZE, direction: str = "noising", ablation: str = "mean",
           num_samples: int = 8, block: int = 4, chunk: int | None = None,
-          scores: bool = True, quiet: bool = False, out=None) -> dict[str, Any]:
+          batch_size: int | None = None, scores: str | bool = "edges", clamped: bool = True,
+          quiet: bool = False, out=None) -> dict[str, Any]:
   """Path patching at every checkpoint of every run, edge timings and circuit scores.
 
   Args:
@@ -197,9 +247,20 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
     direction: 'noising' (Wang et al.) or 'denoising'.
     ablation: 'mean' or 'zero' knockouts for the circuit scores.
     num_samples: subsets per completeness and minimality score.
-    block: checkpoints per call of the compiled program.
+    block: checkpoints per call of the compiled program (run one after the
+      other inside it: more costs little memory, one checkpoint's passes at
+      a time).
     chunk: runs per vmap (None: 8 on a CPU, else all).
-    scores: compute the circuit scores (a second pass over the stream).
+    batch_size: interventions per vmap inside a run: senders (each with
+      1 + |receivers| x |inputs| patched passes) and scored sets (None: all
+      senders and knocked-out head sets, 16 edge sets, `program.EDGE_SETS`).
+      Memory grows with chunk x batch_size x size x seq_len^2; long sequences
+      (the token task) need small ones (the README's token study: size 64,
+      chunk 2, batch_size 8).
+    scores: 'edges' (default: the circuit's edges, path-level ablation),
+      'heads' (its heads, head knockouts), 'both' or 'none' (True, False:
+      'edges', 'none'). Each level is one more pass over the stream.
+    clamped: patch under the runs' training clamps (default) or without.
     quiet: no table on stdout.
     out: stream for the table (default stdout).
 
@@ -221,6 +282,14 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
     raise ConfigError("--ablation", "expected mean or zero")
   if not (0 < threshold <= 1):
     raise ConfigError("--threshold", f"must lie in (0, 1], got {threshold}")
+  scores = {True: "edges", False: "none"}.get(scores, scores) if isinstance(scores, bool) else scores
+  if scores not in SCORE_LEVELS:
+    raise ConfigError("--scores", f"expected one of {', '.join(SCORE_LEVELS)}, got {scores!r}")
+  for name, value in (("--size", size), ("--block", block), ("--chunk", chunk),
+                      ("--batch-size", batch_size), ("--samples", num_samples)):
+    if value is not None and value < (0 if name in ("--chunk", "--batch-size") else 1):
+      raise ConfigError(name, f"must be at least {0 if name in ('--chunk', '--batch-size') else 1},"
+                        f" got {value}")
   inputs = parse_inputs(inputs)
   groups = wd.prepared().groups
   spec = groups[0].static.model
@@ -233,6 +302,7 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
   curves: dict[int, dict[str, tuple[list[int], list[float]]]] = {}  # run -> edge -> logit_diff curve
   circuits: dict[int, list[str]] = {}
   circuit_rows: list[tuple] = []
+  pending: list[tuple[Any, Any, list[int]]] = []  # (group, its data, its steps) to score
   n_ckpt = 0
   for pg in groups:
     steps = wd.stream_steps(pg.group.index)
@@ -243,7 +313,7 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
     edges = make_edges(static.model, senders, receivers, inputs)
     cols = edge_columns(edges)
     data = program_lib.put(program_lib.make_data(static, pg.table, pg.props, corruption, size))
-    fn = program_lib.path_program(static, edges, direction, chunk)
+    fn = program_lib.path_program(static, edges, direction, chunk, clamped, batch_size)
     tg = time.time()
     done = 0
     for bsteps, params in program_lib.blocks(loader.stream(wd.path, pg.group.index, steps), block):
@@ -274,41 +344,62 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
         big = max((abs(v) for v in finals.values() if math.isfinite(v)), default=0.0)
         circuits[run] = [e for e, v in finals.items()
                          if big > 0 and math.isfinite(v) and abs(v) >= threshold * big]
-    if scores:
-      masks = np.stack([circuit_nodes(circuits[r], static.model) for r in runs])
-      cfn = program_lib.circuit_program(static, ablation, num_samples, chunk=chunk)
-      tg, done = time.time(), 0
-      for bsteps, params in program_lib.blocks(loader.stream(wd.path, pg.group.index, steps),
-                                                block):
-        res = program_lib.as_numpy(cfn(params, data, masks))
-        for k, step in enumerate(bsteps):
-          for i, run in enumerate(runs):
-            for name in ("F_model", "F_circuit", "F_empty", "faithfulness",
-                         "faithfulness_recovered", "completeness"):
-              circuit_rows.append((step, run, name, "", "", res[name][k, i]))
-            mini = res["minimality"][k, i]
-            for l, h in zip(*np.nonzero(masks[i])):
-              circuit_rows.append((step, run, "minimality", int(l), int(h), mini[l, h]))
-        done += len(bsteps)
-        log.info("group %d: circuit scores %d/%d checkpoints (%.1fs)", pg.group.index, done,
-                 len(steps), time.time() - tg)
+    pending.append((pg, data, steps))
 
+  # The path-patching results are written before the circuit scores are
+  # computed (the longer pass), so that they survive an interrupted scoring.
   paths = {"patching": os.path.join(wd.path, wd_lib.PATCHING_CSV),
            "circuit": os.path.join(wd.path, wd_lib.CIRCUIT_CSV),
            "json": os.path.join(wd.path, PATCHING_JSON)}
   _write_csv(paths["patching"], wd_lib.PATCHING_COLUMNS, rows)
-  if scores:
-    _write_csv(paths["circuit"], wd_lib.CIRCUIT_COLUMNS, circuit_rows)
-
   timed = edge_curves(curves, circuits)
   phase = analysis_command.phase_rows(wd, timed)
   paths["phase_changes"] = _merge_phase_rows(wd, phase)
   meta = {"corruption": corruption, "direction": direction, "size": size, "ablation": ablation,
+          "clamped": clamped, "scores": scores,
           "threshold": None if given is not None else threshold, "metric": "logit_diff",
           "level": LEVEL, "circuits": {str(r): e for r, e in circuits.items()}}
   wd_lib.atomic_write(paths["json"], json.dumps(meta, indent=1) + "\n")
   if not quiet:
     print(edge_table(phase, circuits, curves), file=out or sys.stdout, flush=True)
+
+  for pg, data, steps in pending:
+    static, runs = pg.static, pg.group.runs
+    for level in ("edges", "heads"):
+      if scores not in (level, "both"):
+        continue
+      if level == "edges":
+        masks, index = circuit_edges([circuits[r] for r in runs], static.model)
+        cfn = program_lib.edge_circuit_program(static, ablation, num_samples, chunk=chunk,
+                                               clamped=clamped, batch_size=batch_size)
+        args = (masks, index)
+      else:
+        masks = np.stack([circuit_nodes(circuits[r], static.model) for r in runs])
+        cfn = program_lib.circuit_program(static, ablation, num_samples, chunk=chunk,
+                                          clamped=clamped, batch_size=batch_size)
+        args = (masks,)
+      tg, done = time.time(), 0
+      for bsteps, params in program_lib.blocks(loader.stream(wd.path, pg.group.index, steps),
+                                                block):
+        res = program_lib.as_numpy(cfn(params, data, *args))
+        for k, step in enumerate(bsteps):
+          for i, run in enumerate(runs):
+            for name in ("F_model", "F_circuit", "F_empty", "faithfulness",
+                         "faithfulness_recovered", "completeness"):
+              circuit_rows.append((step, run, level, name, "", res[name][k, i]))
+            mini = res["minimality"][k, i]
+            if level == "edges":
+              for p, e in enumerate(circuits[run]):
+                circuit_rows.append((step, run, level, "minimality", e, mini[p]))
+            else:
+              for l, h in zip(*np.nonzero(masks[i])):
+                circuit_rows.append((step, run, level, "minimality", head_name(int(l), int(h)),
+                                     mini[l, h]))
+        done += len(bsteps)
+        log.info("group %d: %s circuit scores %d/%d checkpoints (%.1fs)", pg.group.index, level,
+                 done, len(steps), time.time() - tg)
+  if scores != "none":
+    _write_csv(paths["circuit"], wd_lib.CIRCUIT_COLUMNS, circuit_rows)
   return {**paths, "circuits": circuits, "checkpoints": n_ckpt, "seconds": time.time() - t0}
 
 

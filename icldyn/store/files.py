@@ -40,6 +40,9 @@ ATTENTION_NPZ = os.path.join(ANALYSIS_DIR, "attention_patterns.npz")
 PATCHING_CSV = os.path.join(ANALYSIS_DIR, "patching.csv")  # icldyn patch (icldyn.patching)
 CIRCUIT_CSV = os.path.join(ANALYSIS_DIR, "circuit.csv")
 PATCHING_JSON = os.path.join(ANALYSIS_DIR, "patching.json")  # its settings, each run's circuit
+# Curves of phase_changes.csv that `icldyn patch` owns (edge timings): `icldyn
+# analyze` keeps them when it rewrites the file.
+PATCHING_CURVE_PREFIX = "patching/"
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
 LOCK = ".lock"
@@ -54,8 +57,9 @@ RUNS_BOOKKEEPING = ("run", "group", "group_index", "status", "diverged_step")
 PROGRESS_COLUMNS = ("step", "run", "measure", "layer", "head", "layer2", "head2", "value")
 # analysis/patching.csv: one path-patching effect (or an unpatched run's metric) per row.
 PATCHING_COLUMNS = ("step", "run", "sender", "receiver", "input", "metric", "value")
-# analysis/circuit.csv: circuit scores per checkpoint (layer, head set for per-node minimality).
-CIRCUIT_COLUMNS = ("step", "run", "score", "layer", "head", "value")
+# analysis/circuit.csv: circuit scores per checkpoint; `level` edges or heads, `node` the
+# edge (`L0H3->L1H5.k`) or head (`L0H3`) of a per-node minimality, else empty.
+CIRCUIT_COLUMNS = ("step", "run", "level", "score", "node", "value")
 # phase_changes.csv: `run`, every setting of runs.csv, then these.
 TIMING_COLUMNS = ("curve", "estimator", "onset", "midpoint", "end", "crossed", "fit_r2")
 # summary.csv: the setting columns, then these.
