@@ -291,9 +291,11 @@ def main(argv=None) -> None:
                  help="checkpoints of the 64-run path-patching benchmark (0: skip)")
   p.add_argument("--patching-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--circuit-edges", type=int, default=0, help=argparse.SUPPRESS)
-  p.add_argument("--scores", type=int, default=5, metavar="CHECKPOINTS",
-                 help="checkpoints of the 64-run edge-level circuit-score benchmark, a "
-                      "10-edge circuit per run (0: skip)")
+  # Off by default: 64 runs x 5 checkpoints had not finished after 14 min
+  # (27 CPU-minutes, 7 GB) on this 2-core CPU (docs/performance.md).
+  p.add_argument("--scores", type=int, default=0, metavar="CHECKPOINTS",
+                 help="checkpoints of a 64-run edge-level circuit-score benchmark, a "
+                      "10-edge circuit per run (default 0: skipped; slow on a CPU)")
   args = p.parse_args(argv)
   if args.one is not None:
     _child(args)
