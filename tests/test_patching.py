@@ -358,6 +358,9 @@ def test_edge_circuit_sets_follow_the_definitions():
   np.testing.assert_array_equal(mini[0, 2], mini[1, 2])  # padding: no edge removed (scored NaN)
 
 
+# Compiles path patching under a clamp plan and without: 13-16 s on 2 cores,
+# over the default suite's budget, hence slow.
+@pytest.mark.slow
 def test_patching_runs_under_the_training_clamps():
   """keep_head=0 ablates layer-1 head 1 in training; the patched model must too."""
   pg = build.prepare(tiny_config(), ["clamp.keep_head=-1,0"]).groups[0]
@@ -368,7 +371,8 @@ def test_patching_runs_under_the_training_clamps():
   props = jax.tree.map(lambda x: x[r], pg.props)
   batch = jax.tree.map(lambda x: x[r], measures.eval_batch(static, pg.table, pg.props, 16))
   corrupted, readout = corrupt.permute_labels(batch)
-  edges = core.Edges.every(spec)
+  # Only the receiver the clamp silences, to keep the two programs small.
+  edges = core.Edges(senders=core.Edges.every(spec).senders, receivers=((1, 1),))
   num = props.data.num_outputs
 
   def patch(plan):
