@@ -248,16 +248,17 @@ def _row_groups(data: WorkdirData, runs: Sequence[int], average: bool,
     groups = data.setting_groups(runs)
     rows = [(_label(s, g), g) for s, g in groups]
   else:
-    # Every setting the grid varies, seeds included: a grid over seeds alone
-    # names its rows `run 2: init=2`, not just `run 2`.
-    varying = data.varying_settings(include_seeds=True)
-    rows = []
-    for r in runs:
-      settings = {k: v for k, v in data.run_settings(r).items()
-                  if k in varying}
-      rows.append((f'run {r}' + (': ' + _label(settings, [r]) if settings
-                                 else ''), [r]))
+    rows = [(_run_title(data, r), [r]) for r in runs]
   return rows[:max_rows], len(rows)
+
+
+def _run_title(data: WorkdirData, run: int) -> str:
+  """`run 2: num_labels=5, init=1`: the run and every setting the grid
+  varies, seeds included (a grid over seeds alone names its rows `run 2:
+  init=2`)."""
+  varying = data.varying_settings(include_seeds=True)
+  settings = {k: v for k, v in data.run_settings(run).items() if k in varying}
+  return f'run {run}' + (': ' + _label(settings, [run]) if settings else '')
 
 
 def _row_title(ax: Any, label: str) -> None:
@@ -1232,7 +1233,8 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
   est = files.HEADLINE_ESTIMATOR
   phases = data.phase_changes
   with _style():
-    fig = _new_figure(4.5, 1.6 * len(runs) + 0.6)
+    # Wide enough for each panel's edge legend right of it, clear of the curves.
+    fig = _new_figure(6.4, 1.6 * len(runs) + 0.6)
     axes = fig.subplots(len(runs), 1, squeeze=False, sharex=True)[:, 0]
     for ax, run in zip(axes, runs):
       sub = table[table['run'] == run]
@@ -1253,7 +1255,7 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
       ax.axhline(0.5, color='0.7', lw=0.5, ls=':', gid='ref')
       ax.set_ylabel('effect / final')
       _step_axis(ax, log)
-      _row_title(ax, f'run {run}')
+      _row_title(ax, _run_title(data, run))
       if data.metrics is not None and evaluator:
         m = data.metrics[(data.metrics['run'] == run) & (data.metrics['evaluator'] == evaluator)
                          & (data.metrics['metric'] == metric)].sort_values('step')
@@ -1270,7 +1272,9 @@ def edge_formation_figure(data: WorkdirData | str | pathlib.Path, *,
                    & (phases['estimator'] == est)]
         if len(t) and np.isfinite(float(t['midpoint'].iloc[0])):
           ax.axvline(float(t['midpoint'].iloc[0]), color='0.3', lw=0.6, gid='phase')
-      ax.legend(loc='upper left', fontsize=5, ncol=2 if len(edges) > 4 else 1)
+      # Right of the loss axis's label (the twin axis takes the right spine).
+      ax.legend(loc='upper left', bbox_to_anchor=(1.16, 1.0), fontsize=5,
+                ncol=2 if len(edges) > 6 else 1, frameon=False)
     axes[-1].set_xlabel(STEP_LABEL)
     fig.suptitle(f'Circuit edges forming ({meta.get("corruption", "")})\ndashed: {headline}; '
                  f'vertical: its {est} phase change; dots: half the final effect', fontsize=6)

@@ -553,3 +553,28 @@ def test_timing_vs_data_draws_the_summary_means(clamped):
   want = {(float(r['data.num_train_classes']), float(r['mean'])) for r in summary
           if r['mean'] not in ('', 'nan')}
   assert drawn == want and len(want) == 5  # (1024, ablate) never crossed: not a point
+
+
+def test_edge_formation_draws_each_edge_over_its_final_effect(grid):
+  # Two circuit edges of run 1 with known curves: each is drawn as its
+  # patching.csv value divided by its value at the last checkpoint, the
+  # larger final effect first; the row is named by the run's settings.
+  steps = [100, 200, 300, 400]
+  effects = {('L0H0', 'L1H2', 'k'): [0.1, 0.5, 2.0, 4.0],
+             ('L1H2', 'logits', ''): [-0.2, -0.5, -1.0, -1.0]}
+  rows = [[s, 1, snd, rcv, inp, 'logit_diff', v[i]]
+          for (snd, rcv, inp), v in effects.items() for i, s in enumerate(steps)]
+  rows += [[s, 1, 'L0H0', 'L1H2', 'k', 'loss', 9.0] for s in steps]  # another metric: not drawn
+  _write_csv(grid / 'analysis' / 'patching.csv',
+             ['step', 'run', 'sender', 'receiver', 'input', 'metric', 'value'], rows)
+  (grid / 'analysis' / 'patching.json').write_text(json.dumps(
+      {'metric': 'logit_diff', 'corruption': 'permute_labels',
+       'circuits': {'1': ['L0H0->L1H2.k', 'L1H2->logits']}}))
+  fig = plots.edge_formation_figure(grid, runs=[1])
+  ax = fig.axes[0]
+  assert ax.get_title(loc='left') == 'run 1: burstiness=0, init=1, data=1'
+  lines = _gid(ax, 'curve')
+  assert [line.get_label() for line in lines] == ['L0H0->L1H2.k', 'L1H2->logits']
+  for line, v in zip(lines, effects.values()):
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), np.array(v) / v[-1], rtol=1e-12)
