@@ -312,3 +312,26 @@ def test_demo_command_trains_analyses_and_plots(trained, tmp_path, monkeypatch, 
   for name in ("analysis/phase_changes.csv", "analysis/summary.csv", "report.md",
                "plots/phase_curves.png"):
     assert os.path.exists(os.path.join(wd, name)), name
+
+
+def test_analyze_keeps_the_edge_timings_of_icldyn_patch(tmp_path):
+  # phase_changes.csv as `icldyn patch` leaves it: a measured curve's row
+  # (analyze recomputes it) and two edge rows (analyze cannot: it does not
+  # patch). Only the edge rows are kept, and they are summarised over seeds
+  # like every other curve: mean of the crossed midpoints, 150 and 250.
+  columns = ["run", "seeds.init", "data.burstiness", *command.TIMING_COLUMNS]
+  path = tmp_path / "phase_changes.csv"
+  rows = [[0, 0, 1, "fsl_train/loss", "threshold", "", 400.0, "", True, ""],
+          [0, 0, 1, "patching/L0H0->L1H2.k", "threshold", "", 150.0, "", True, ""],
+          [1, 1, 1, "patching/L0H0->L1H2.k", "threshold", "", 250.0, "", True, ""]]
+  with path.open("w", newline="") as f:
+    csv.writer(f).writerows([columns, *rows])
+  kept = command.patching_rows(str(path), columns)
+  assert [(r["run"], r["curve"]) for r in kept] == [("0", "patching/L0H0->L1H2.k"),
+                                                    ("1", "patching/L0H0->L1H2.k")]
+  (summary,) = command.summary_rows(kept, ["seeds.init", "data.burstiness"])
+  assert (summary["curve"], summary["n_crossed"], summary["mean"]) == (
+      "patching/L0H0->L1H2.k", 2, 200.0)
+  # Another grid's file (other columns) and no file: nothing kept.
+  assert command.patching_rows(str(path), columns[:1] + columns[2:]) == []
+  assert command.patching_rows(str(tmp_path / "missing.csv"), columns) == []

@@ -350,6 +350,28 @@ def phase_rows(wd: loader.Workdir, curves: dict[str, tuple[CurveSpec, dict[int, 
   return rows
 
 
+def patching_rows(path: str, columns: Sequence[str]) -> list[dict[str, str]]:
+  """The edge timings an earlier `icldyn patch` wrote into phase_changes.csv.
+
+  `icldyn analyze` rewrites phase_changes.csv from the curves it times; the
+  edge rows (curve `patching/EDGE`) come from patching, which it does not
+  redo, so they are kept (and summarised). Rows of a file with other
+  columns (another grid) are dropped.
+
+  Args:
+    path: phase_changes.csv (it may not exist).
+    columns: the columns this analysis writes.
+
+  Returns:
+    The file's edge rows as CSV strings, or [].
+  """
+  if not os.path.isfile(path):
+    return []
+  edges = [r for r in wd_lib.read_csv(path)
+           if r.get("curve", "").startswith(wd_lib.PATCHING_CURVE_PREFIX)]
+  return edges if edges and list(edges[0].keys()) == list(columns) else []
+
+
 def summary_rows(rows: list[dict[str, Any]], settings: Sequence[str], n_boot: int = 1000,
                  seed: int = 0) -> list[dict[str, Any]]:
   """Per setting (all settings but seeds.*), curve, estimator and timing: stats over seeds."""
@@ -621,13 +643,7 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   t1 = time.time()
   rows = phase_rows(wd, curve_data, estimators)
   columns = ["run", *wd.settings, *TIMING_COLUMNS]
-  if os.path.isfile(paths["phase_changes"]):
-    # Edge timings of an earlier `icldyn patch` stay (and are summarised): they
-    # come from patching, which this command does not redo.
-    edges = [r for r in wd_lib.read_csv(paths["phase_changes"])
-             if r.get("curve", "").startswith(wd_lib.PATCHING_CURVE_PREFIX)]
-    if edges and list(edges[0].keys()) == columns:
-      rows = rows + edges
+  rows = rows + patching_rows(paths["phase_changes"], columns)
   write_csv(paths["phase_changes"], columns, rows)
   summ = summary_rows(rows, wd.settings, n_boot=n_boot)
   keys = [s for s in wd.settings if not s.startswith("seeds.")]
