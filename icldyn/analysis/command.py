@@ -389,6 +389,15 @@ def summary_rows(rows: list[dict[str, Any]], settings: Sequence[str], n_boot: in
   return out
 
 
+def write_summary(path: str, rows: list[dict[str, Any]], settings: Sequence[str],
+                  n_boot: int = 1000) -> list[dict[str, Any]]:
+  """Writes summary.csv from phase_changes.csv's rows (`summary_rows`); returns its rows."""
+  summ = summary_rows(rows, settings, n_boot=n_boot)
+  keys = [s for s in settings if not s.startswith("seeds.")]
+  write_csv(path, [*keys, *SUMMARY_COLUMNS], summ)
+  return summ
+
+
 def write_csv(path: str, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
   """Writes rows atomically; cells by `workdir.format_value`."""
   buf = io.StringIO()
@@ -645,9 +654,8 @@ def analyze(workdir: str, measures: str | Sequence[str] | None = None,
   columns = ["run", *wd.settings, *TIMING_COLUMNS]
   rows = rows + patching_rows(paths["phase_changes"], columns)
   write_csv(paths["phase_changes"], columns, rows)
-  summ = summary_rows(rows, wd.settings, n_boot=n_boot)
+  summ = write_summary(paths["summary"], rows, wd.settings, n_boot=n_boot)
   keys = [s for s in wd.settings if not s.startswith("seeds.")]
-  write_csv(paths["summary"], [*keys, *SUMMARY_COLUMNS], summ)
   log.info("timed %d curve(s) x %d run(s) in %.1fs", len(curve_data), len(wd.runs),
            time.time() - t1)
   if not quiet:

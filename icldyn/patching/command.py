@@ -219,11 +219,8 @@ def _merge_phase_rows(wd: loader.Workdir, rows: list[dict[str, Any]]) -> str:
     kept = [r for r in old if not r["curve"].startswith(SOURCE + "/")]
   analysis_command.write_csv(path, columns, kept + rows)
   # Read back, so that the kept rows and the new ones have the same (text) types.
-  every = wd_lib.read_csv(path)
-  keys = [s for s in wd.settings if not s.startswith("seeds.")]
-  analysis_command.write_csv(os.path.join(wd.path, wd_lib.SUMMARY_CSV),
-                             [*keys, *wd_lib.SUMMARY_COLUMNS],
-                             analysis_command.summary_rows(every, wd.settings))
+  analysis_command.write_summary(os.path.join(wd.path, wd_lib.SUMMARY_CSV),
+                                 wd_lib.read_csv(path), wd.settings)
   return path
 
 
@@ -282,14 +279,14 @@ def patch(workdir: str, corruption: str | None = None, senders=None, receivers=N
     raise ConfigError("--ablation", "expected mean or zero")
   if not (0 < threshold <= 1):
     raise ConfigError("--threshold", f"must lie in (0, 1], got {threshold}")
-  scores = {True: "edges", False: "none"}.get(scores, scores) if isinstance(scores, bool) else scores
+  if isinstance(scores, bool):
+    scores = "edges" if scores else "none"
   if scores not in SCORE_LEVELS:
     raise ConfigError("--scores", f"expected one of {', '.join(SCORE_LEVELS)}, got {scores!r}")
-  for name, value in (("--size", size), ("--block", block), ("--chunk", chunk),
-                      ("--batch-size", batch_size), ("--samples", num_samples)):
-    if value is not None and value < (0 if name in ("--chunk", "--batch-size") else 1):
-      raise ConfigError(name, f"must be at least {0 if name in ('--chunk', '--batch-size') else 1},"
-                        f" got {value}")
+  for name, value, least in (("--size", size, 1), ("--block", block, 1), ("--chunk", chunk, 0),
+                             ("--batch-size", batch_size, 0), ("--samples", num_samples, 1)):
+    if value is not None and value < least:
+      raise ConfigError(name, f"must be at least {least}, got {value}")
   inputs = parse_inputs(inputs)
   groups = wd.prepared().groups
   spec = groups[0].static.model

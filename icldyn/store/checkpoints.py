@@ -112,20 +112,13 @@ if not getattr(sys.unraisablehook, "icldyn", False):
   sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
 
 
-@contextlib.contextmanager
-def _orbax_errors_quiet():
-  """Orbax logs each failed write with a traceback; icldyn reports it once, in one line."""
-  quiet = _AbslQuiet()
-  quiet.enter()
-  try:
-    yield
-  finally:
-    quiet.exit()
+class _OrbaxErrorsQuiet:
+  """Orbax logs each failed write with a traceback; icldyn reports it once, in one line.
 
-
-class _AbslQuiet:
-  """`_orbax_errors_quiet` held across calls: an asynchronous save's failure is
-  logged by orbax's background thread, between the save and the wait."""
+  A context manager, or `enter`/`exit` held across calls: an asynchronous
+  save's failure is logged by orbax's background thread, between the save
+  and the wait.
+  """
 
   def __init__(self):
     self.level = None
@@ -140,6 +133,12 @@ class _AbslQuiet:
     if self.level is not None:
       logging.getLogger("absl").setLevel(self.level)
       self.level = None
+
+  def __enter__(self) -> None:
+    self.enter()
+
+  def __exit__(self, *exc) -> None:
+    self.exit()
 
 
 class _ReadOnlyNotes(logging.Filter):
@@ -275,7 +274,7 @@ class Store:
     self.read_only = read_only
     self.on_sealed = on_sealed
     self._pending: tuple[str, int] | None = None  # the save in flight: (kind, step)
-    self._quiet = _AbslQuiet()
+    self._quiet = _OrbaxErrorsQuiet()
     # Asynchronous saves: orbax writes in a background thread while training
     # goes on; `_settle` waits for it and seals.
     opts = dict(enable_async_checkpointing=not read_only, create=not read_only,
@@ -308,7 +307,7 @@ class Store:
     """A fresh manager: a failed restore can leave orbax's guess of the item layout wrong,
     and a failed save its background state."""
     try:
-      with _orbax_errors_quiet():
+      with _OrbaxErrorsQuiet():
         getattr(self, kind).close()
     except Exception:  # the failure being handled, raised again by orbax's close
       pass
@@ -473,7 +472,7 @@ class Store:
     path = self.path("resume", step)
     sealed = self._verify("resume", step)
     try:
-      with _orbax_errors_quiet():
+      with _OrbaxErrorsQuiet():
         self.resume.reload()
         raw = self.resume.restore(step, args=ocp.args.StandardRestore())
     except Exception as e:
@@ -539,7 +538,7 @@ class Store:
     self._settle()
     self._verify("stream", step)
     try:
-      with _orbax_errors_quiet():
+      with _OrbaxErrorsQuiet():
         return self.stream.restore(step, args=ocp.args.StandardRestore())
     except Exception as e:
       self._reopen("stream")
